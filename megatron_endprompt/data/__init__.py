@@ -1,0 +1,1 @@
+"""Data: tokenizers, JSONL -> indexed binary preprocessing, EndPromptDataset."""

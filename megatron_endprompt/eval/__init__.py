@@ -1,0 +1,1 @@
+"""Long-context evaluation: passkey, needle, perplexity by position."""

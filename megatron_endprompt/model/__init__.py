@@ -1,0 +1,1 @@
+"""Model: position-aware RoPE, layer specs (te / local), EndPromptGPTModel."""

@@ -1,0 +1,186 @@
+"""Position-id layouts for one training sample: the core of the method.
+
+Every function returns an ``int64`` numpy array holding the position ids of the ``S`` INPUT
+tokens of one sample (Megatron convention: a sample is ``S + 1`` tokens, ``tokens = y[:-1]``,
+``labels = y[1:]``). Every layout is strictly increasing, starts at 0 and stays below the target
+window ``L``. All randomness comes from the ``numpy.random.Generator`` passed in, which callers seed
+from ``(seed, sample index)`` so a sample is identical on every rank and after a resume.
+
+Layouts:
+    contiguous      0 .. S-1 (ordinary training; the full-length baseline when S = L).
+    endprompt       a context inputs at 0 .. a-1, then t terminal inputs anchored at the end of
+                    the window (fixed: L-t .. L-1) or at a uniformly drawn start (random).
+    pose            PoSE (Zhu et al. 2024): S split into chunks, chunk i shifted by a skip bias
+                    u_i with 0 = u_0 <= u_1 <= ... <= L - S.
+    endprompt_pose  PoSE context inside [0, L - t), terminal anchored as in endprompt.
+
+Worked example (S = 8, a = 5, t = 3, L = 64, fixed): ``[0 1 2 3 4 61 62 63]``.
+
+No torch, no megatron: these functions are cheap enough to run in every ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PLACEMENTS = ("fixed", "random")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` as int, raising ValueError naming ``name`` if it is not an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_rng(rng: np.random.Generator | None, what: str) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng: {what} needs a numpy.random.Generator, got {type(rng).__name__}")
+    return rng
+
+
+def _check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    return placement
+
+
+def contiguous_positions(S: int) -> np.ndarray:
+    """Positions ``0 .. S-1``.
+
+    Args:
+        S: number of input tokens (>= 1).
+
+    Returns:
+        int64 array of shape ``[S]``.
+    """
+    S = _check_int("S", S, 1)
+    return np.arange(S, dtype=np.int64)
+
+
+def _terminal_start(
+    first_free: int, t: int, L: int, placement: str, rng: np.random.Generator | None
+) -> int:
+    """Start position of a t-token terminal segment that must begin at or after ``first_free``."""
+    if placement == "fixed":
+        return L - t
+    rng = _check_rng(rng, "placement='random'")
+    # Uniform over every start that keeps the layout increasing and inside the window.
+    return int(rng.integers(first_free, L - t, endpoint=True))
+
+
+def endprompt_positions(
+    a: int,
+    t: int,
+    L: int,
+    placement: str = "fixed",
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """EndPrompt layout: context ``0 .. a-1``, terminal ``start .. start+t-1``.
+
+    Args:
+        a: number of context inputs (>= 1).
+        t: number of terminal inputs (>= 1).
+        L: target context window; requires ``a + t <= L``.
+        placement: ``"fixed"`` puts the last input at ``L - 1`` (start = L - t, as in the
+            reference code); ``"random"`` draws start uniformly from ``{a, ..., L - t}``.
+        rng: generator for ``placement="random"`` (ignored for fixed).
+
+    Returns:
+        int64 array of shape ``[a + t]``.
+    """
+    a = _check_int("a", a, 1)
+    t = _check_int("t", t, 1)
+    L = _check_int("L", L, 2)
+    _check_placement(placement)
+    if a + t > L:
+        raise ValueError(f"a + t must be <= L (the target length), got a={a}, t={t}, L={L}")
+    start = _terminal_start(a, t, L, placement, rng)
+    out = np.empty(a + t, dtype=np.int64)
+    out[:a] = np.arange(a)
+    out[a:] = np.arange(start, start + t)
+    return out
+
+
+def _random_composition(S: int, num_chunks: int, rng: np.random.Generator) -> np.ndarray:
+    """Chunk lengths (each >= 1) summing to S, with uniformly drawn distinct cut points."""
+    if num_chunks == 1:
+        return np.array([S], dtype=np.int64)
+    cuts = np.sort(rng.choice(np.arange(1, S), size=num_chunks - 1, replace=False))
+    return np.diff(np.concatenate(([0], cuts, [S]))).astype(np.int64)
+
+
+def pose_positions(
+    S: int,
+    L: int,
+    num_chunks: int = 2,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """PoSE layout: S inputs in ``num_chunks`` chunks, each shifted by a skip bias.
+
+    Chunk lengths are a uniformly drawn composition of S (every chunk >= 1 token). Biases are
+    drawn in sequence as in the PoSE reference code: ``u_0 = 0`` and
+    ``u_i ~ U{u_{i-1}, ..., L - S}``, so they are non-decreasing and the last position is at most
+    ``L - 1``. Within a chunk the order is kept.
+
+    Args:
+        S: number of input tokens (>= num_chunks).
+        L: target context window (>= S).
+        num_chunks: number of chunks N (>= 1; the paper uses 2).
+        rng: generator (required: the layout is random per sample).
+
+    Returns:
+        int64 array of shape ``[S]``.
+    """
+    S = _check_int("S", S, 1)
+    L = _check_int("L", L, 1)
+    num_chunks = _check_int("num_chunks", num_chunks, 1)
+    if num_chunks > S:
+        raise ValueError(f"num_chunks must be <= S, got num_chunks={num_chunks}, S={S}")
+    if S > L:
+        raise ValueError(f"S must be <= L (the target length), got S={S}, L={L}")
+    rng = _check_rng(rng, "pose_positions")
+    lengths = _random_composition(S, num_chunks, rng)
+    biases = np.zeros(num_chunks, dtype=np.int64)
+    for i in range(1, num_chunks):
+        biases[i] = rng.integers(biases[i - 1], L - S, endpoint=True)
+    return np.arange(S, dtype=np.int64) + np.repeat(biases, lengths)
+
+
+def endprompt_pose_positions(
+    a: int,
+    t: int,
+    L: int,
+    num_chunks: int = 2,
+    placement: str = "fixed",
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """EndPrompt on top of PoSE (the paper's best variant, ET(PoSE)).
+
+    The a context inputs are laid out by :func:`pose_positions` inside ``[0, L - t)``; the t
+    terminal inputs are anchored as in :func:`endprompt_positions` (fixed: ending at ``L - 1``;
+    random: start drawn uniformly after the last context position).
+
+    Args:
+        a: number of context inputs (>= num_chunks).
+        t: number of terminal inputs (>= 1).
+        L: target context window; requires ``a + t <= L``.
+        num_chunks: PoSE chunks of the context.
+        placement: ``"fixed"`` or ``"random"``.
+        rng: generator (required: the PoSE context is random per sample).
+
+    Returns:
+        int64 array of shape ``[a + t]``.
+    """
+    a = _check_int("a", a, 1)
+    t = _check_int("t", t, 1)
+    L = _check_int("L", L, 2)
+    _check_placement(placement)
+    if a + t > L:
+        raise ValueError(f"a + t must be <= L (the target length), got a={a}, t={t}, L={L}")
+    rng = _check_rng(rng, "endprompt_pose_positions")
+    context = pose_positions(a, L - t, num_chunks=num_chunks, rng=rng)
+    start = _terminal_start(int(context[-1]) + 1, t, L, placement, rng)
+    return np.concatenate((context, np.arange(start, start + t, dtype=np.int64)))

@@ -1,0 +1,1 @@
+"""Training: device setup, batches, loss, loop, checkpoints, logging."""

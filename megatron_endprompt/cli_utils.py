@@ -1,0 +1,138 @@
+"""Command-line flags generated from configuration dataclasses.
+
+A field ``tensor_model_parallel_size`` becomes ``--tensor-model-parallel-size``; its help text is
+the one-line docstring written under the field. ``flags`` overrides a name where Megatron-LM
+spells the flag differently (``add_bias_linear`` <- ``--disable-bias-linear``, stored inverted) or
+where a concern prefix is wanted (``rope_type`` <- ``--rope-scaling-type``). Nested dataclass
+fields are skipped: their own flags build them. Validation stays in the dataclasses'
+``__post_init__``, so the CLI cannot accept what the Python API would reject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one field appears on the command line."""
+
+    name: str
+    """The flag, e.g. ``--disable-bias-linear``."""
+    invert: bool = False
+    """For bools: the flag stores the negation of the field (``--disable-X`` sets X False)."""
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (its help text)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp: Any) -> tuple[Any, bool, bool]:
+    """(scalar type, is_optional, is_list) of a field annotation."""
+    origin = typing.get_origin(tp)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        inner = typing.get_args(tp)
+        return (inner[0] if inner else str), optional, True
+    return tp, optional, False
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    flags: dict[str, Flag] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Add one argument group holding a flag per field of dataclass ``cls``.
+
+    Defaults are ``argparse.SUPPRESS`` so :func:`dataclass_from_args` can tell "not given" (keep
+    the dataclass default, or a preset's value) from an explicit value.
+    """
+    flags = flags or {}
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name in skip or dataclasses.is_dataclass(tp) or not f.init:
+            continue
+        flag = flags.get(f.name, Flag("--" + f.name.replace("_", "-")))
+        default = _default_of(f)
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        scalar, _, is_list = _base_type(tp)
+        if scalar is bool and not is_list:
+            store_true = not flag.invert
+            group.add_argument(flag.name, action="store_true" if store_true else "store_false",
+                               **kwargs)
+            continue
+        if is_list:
+            kwargs["nargs"] = "+"
+        group.add_argument(flag.name, type=scalar if scalar in (int, float) else str, **kwargs)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None, **extra: Any):
+    """Build ``cls`` from the flags that were given, on top of ``base`` (or the defaults).
+
+    Args:
+        cls: the dataclass.
+        args: parsed namespace (fields not given on the command line are absent from it).
+        base: an instance whose values stand where a flag was not given (e.g. a model preset).
+        **extra: values for fields without flags (nested dataclasses).
+    """
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in extra:
+            values[f.name] = extra[f.name]
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+        elif base is not None:
+            values[f.name] = getattr(base, f.name)
+    return cls(**values)
+
+
+def given_flags(args: argparse.Namespace, cls: type) -> set[str]:
+    """Names of ``cls``'s fields that were set explicitly on the command line."""
+    return {f.name for f in dataclasses.fields(cls) if hasattr(args, f.name)}

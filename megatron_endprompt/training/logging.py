@@ -1,0 +1,113 @@
+"""Training metrics: a console line per interval and TensorBoard scalars.
+
+Only the last pipeline stage's data-parallel rank 0 of tensor-parallel rank 0 writes (it is the
+one that sees the loss); ``MetricsLogger(enabled=False)`` makes every call a no-op elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m05s'``; ``'?'`` for a non-finite value."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def model_flops_per_token(
+    num_layers: int, hidden_size: int, ffn_hidden_size: int, seq_length: int, vocab_size: int,
+    num_attention_heads: int, num_query_groups: int, swiglu: bool,
+) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of a decoder-only transformer.
+
+    Counts the matmuls: QKV and output projections (with GQA), the causal attention score and
+    value products (half of the S x S square), the MLP (three matrices with SwiGLU) and the
+    output layer.
+    """
+    kv_ratio = num_query_groups / num_attention_heads
+    attn_proj = 2 * hidden_size * hidden_size * (2 + 2 * kv_ratio)
+    attn_core = 2 * 2 * hidden_size * seq_length / 2  # causal: half the scores are computed
+    mlp = 2 * hidden_size * ffn_hidden_size * (3 if swiglu else 2)
+    forward = num_layers * (attn_proj + attn_core + mlp) + 2 * hidden_size * vocab_size
+    return 3.0 * forward
+
+
+@dataclass
+class MetricsLogger:
+    """Console + TensorBoard logger for the training loop."""
+
+    tensorboard_dir: str | None
+    total_iters: int
+    enabled: bool = True
+    _writer: object = field(default=None, init=False, repr=False)
+    _t_start: float = field(default_factory=time.perf_counter, init=False)
+    _start_iter: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.enabled and self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+
+    def log(self, iteration: int, scalars: dict[str, float], interval_s: float) -> str | None:
+        """Write ``scalars`` at ``iteration`` and print one console line.
+
+        Args:
+            iteration: completed iterations.
+            scalars: e.g. ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``tflops``.
+            interval_s: wall time of the interval the scalars summarise.
+
+        Returns:
+            The console line (None when disabled).
+        """
+        if not self.enabled:
+            return None
+        if self._start_iter is None:
+            self._start_iter = iteration - 1
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(f"train/{name}", value, iteration)
+            self._writer.flush()
+        elapsed = time.perf_counter() - self._t_start
+        done = max(iteration - self._start_iter, 1)
+        eta = elapsed / done * (self.total_iters - iteration)
+        parts = [f"iter {iteration:>6d}/{self.total_iters}"]
+        for name, value in scalars.items():
+            parts.append(f"{name} {value:.4g}" if abs(value) < 1e5 else f"{name} {value:.3e}")
+        parts.append(f"interval {interval_s:.2f}s")
+        parts.append(f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+        line = " | ".join(parts)
+        print(line, flush=True)
+        return line
+
+    def log_eval(self, iteration: int, loss: float) -> None:
+        """Validation loss (and perplexity) at ``iteration``."""
+        if not self.enabled:
+            return
+        if self._writer is not None:
+            self._writer.add_scalar("valid/loss", loss, iteration)
+            self._writer.add_scalar("valid/ppl", math.exp(min(loss, 50.0)), iteration)
+            self._writer.flush()
+        print(f"validation at iter {iteration}: loss {loss:.4f} ppl {math.exp(min(loss, 50)):.2f}")
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak allocated GPU memory in GiB (empty on CPU, where torch does not track it)."""
+    if device.type != "cuda":
+        return {}
+    return {"mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}

@@ -1,0 +1,280 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023; the LongLoRA / PoSE variant).
+
+A prompt of exactly ``length`` tokens: repeated filler sentences with one needle
+"The pass key is K. Remember it. K is the pass key." at a requested depth, then the question
+"What is the pass key? The pass key is". Two metrics per (length, depth) cell:
+
+- exact match: greedy decoding, whitespace removed, the leading run of digits equals the key;
+- token accuracy: teacher-forced argmax accuracy of the key tokens (the soft metric that shows
+  partial recovery; it and exact match should agree at the training length).
+
+Prompts are built at the token level (each sentence tokenized once, with a leading space so the
+pieces join like running text), which makes the length exact for any tokenizer. The length counts
+the BOS token (when the tokenizer has one) and the question, not the generated answer.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_endprompt.eval.scoring import (
+    LogitsFn,
+    Tokenizer,
+    bos_ids,
+    greedy_decode,
+    teacher_forced_token_accuracy,
+)
+
+FILLER_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def check_positive_ints(name: str, values: Sequence[int]) -> list[int]:
+    """Return ``values`` as a non-empty list of ints >= 1, else raise ValueError naming ``name``."""
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must not be empty, got {values!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must hold integers >= 1, got {v!r}")
+    return [int(v) for v in values]
+
+
+def check_lengths(lengths: Sequence[int], max_position: int | None) -> list[int]:
+    """Validate evaluation lengths against the model's maximum position."""
+    lengths = check_positive_ints("lengths", lengths)
+    if max_position is not None:
+        for length in lengths:
+            if length > max_position:
+                raise ValueError(
+                    f"lengths: {length} is longer than max_position={max_position} "
+                    "(the model's evaluated context window)"
+                )
+    return lengths
+
+
+def check_depths(depths: Sequence[float]) -> list[float]:
+    """Return ``depths`` as floats in [0, 1], else raise ValueError naming the bad value."""
+    depths = list(depths)
+    if not depths:
+        raise ValueError(f"depths must not be empty, got {depths!r}")
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ValueError(f"depths must be numbers in [0, 1], got {d!r}")
+    return [float(d) for d in depths]
+
+
+def filler_units(tokenizer: Tokenizer) -> list[list[int]]:
+    """Token ids of each filler sentence (leading space, no special tokens)."""
+    return [tokenizer.tokenize(" " + s) for s in FILLER_SENTENCES]
+
+
+def build_haystack(
+    tokenizer: Tokenizer,
+    length: int,
+    needles: Sequence[tuple[float, list[int]]],
+    question_ids: list[int],
+) -> tuple[list[int], list[int]]:
+    """Filler with needles inserted at depths, then the question: exactly ``length`` tokens.
+
+    The filler is the sentence cycle cut to the token budget left after BOS, needles and question
+    (its first sentence may be cut short, at the front). Each needle goes at the sentence boundary
+    nearest to ``depth * filler_tokens``, so it lands within one filler sentence of the requested
+    depth.
+
+    Args:
+        tokenizer: tokenizer of the model.
+        length: total prompt length in tokens.
+        needles: ``(depth in [0, 1], token ids)`` pairs; equal depths keep their order.
+        question_ids: token ids of the question, placed last.
+
+    Returns:
+        ``(prompt ids, start index of each needle in the prompt, in the order given)``.
+    """
+    prefix = bos_ids(tokenizer)
+    fixed = len(prefix) + sum(len(ids) for _, ids in needles) + len(question_ids)
+    n_filler = length - fixed
+    if n_filler < 0:
+        raise ValueError(
+            f"length: {length} tokens cannot hold the needles and question ({fixed} tokens)"
+        )
+    units = filler_units(tokenizer)
+    stream: list[int] = []
+    ends = []
+    while len(stream) < n_filler:
+        stream.extend(units[len(ends) % len(units)])
+        ends.append(len(stream))
+    # Drop the surplus from the front: the filler opens mid-sentence (like an excerpt) and the
+    # text before every needle and before the question ends with a whole sentence.
+    offset = len(stream) - n_filler
+    filler = stream[offset:]
+    bounds = np.asarray([0] + [e - offset for e in ends if e > offset])
+    cuts = [int(bounds[np.argmin(np.abs(bounds - d * n_filler))]) for d, _ in needles]
+    order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
+    ids, starts, prev = list(prefix), [0] * len(needles), 0
+    for i in order:
+        ids.extend(filler[prev : cuts[i]])
+        starts[i] = len(ids)
+        ids.extend(needles[i][1])
+        prev = cuts[i]
+    ids.extend(filler[prev:])
+    ids.extend(question_ids)
+    return ids, starts
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """One passkey trial: the prompt, the key and where the needle starts."""
+
+    ids: list[int]
+    key: str
+    answer_ids: list[int]
+    needle_start: int
+
+
+def make_passkey_prompt(
+    tokenizer: Tokenizer, length: int, depth: float, seed: int, trial: int, digits: int = 5
+) -> PasskeyPrompt:
+    """The prompt for one trial; deterministic in (seed, length, depth, trial, digits).
+
+    Args:
+        tokenizer: tokenizer of the model.
+        length: prompt length in tokens (BOS and question included).
+        depth: needle position as a fraction of the filler (0 = start, 1 = end).
+        seed: evaluation seed (>= 0).
+        trial: trial index (>= 0).
+        digits: number of key digits (>= 1); the first digit is never 0.
+    """
+    check_depths([depth])
+    check_positive_ints("digits", [digits])
+    if seed < 0 or trial < 0:
+        raise ValueError(f"seed and trial must be >= 0, got seed={seed}, trial={trial}")
+    rng = np.random.default_rng([seed, length, round(depth * 1_000_000), trial, digits])
+    key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+    needle = tokenizer.tokenize(" " + NEEDLE.format(key=key))
+    question = tokenizer.tokenize(" " + QUESTION)
+    ids, starts = build_haystack(tokenizer, length, [(depth, needle)], question)
+    return PasskeyPrompt(ids, key, tokenizer.tokenize(" " + key), starts[0])
+
+
+def leading_digits(text: str) -> str:
+    """The leading run of digits of ``text`` with all whitespace removed."""
+    match = re.match(r"\d*", re.sub(r"\s+", "", text))
+    return match.group(0) if match else ""
+
+
+@dataclass
+class PasskeyResult:
+    """Passkey accuracy on a length x depth grid (rows: lengths, columns: depths)."""
+
+    lengths: list[int]
+    depths: list[float]
+    trials: int
+    seed: int
+    digits: int
+    exact_match: list[list[float]] = field(default_factory=list)
+    token_accuracy: list[list[float]] = field(default_factory=list)
+
+    def mean_by_length(self, metric: str = "exact_match") -> dict[int, float]:
+        """Mean over depths of ``metric`` ("exact_match" or "token_accuracy") per length."""
+        if metric not in ("exact_match", "token_accuracy"):
+            raise ValueError(f"metric must be exact_match or token_accuracy, got {metric!r}")
+        grid = getattr(self, metric)
+        return {n: float(np.mean(row)) for n, row in zip(self.lengths, grid)}
+
+    def to_dict(self) -> dict:
+        """Every number, JSON-ready."""
+        return {
+            "task": "passkey",
+            "lengths": self.lengths,
+            "depths": self.depths,
+            "trials": self.trials,
+            "seed": self.seed,
+            "digits": self.digits,
+            "exact_match": self.exact_match,
+            "token_accuracy": self.token_accuracy,
+            "mean_exact_match_by_length": {str(k): v for k, v in self.mean_by_length().items()},
+            "mean_token_accuracy_by_length": {
+                str(k): v for k, v in self.mean_by_length("token_accuracy").items()
+            },
+        }
+
+
+def score_passkey_trial(
+    logits_fn: LogitsFn, tokenizer: Tokenizer, prompt: PasskeyPrompt
+) -> tuple[float, float]:
+    """``(exact match 0/1, teacher-forced token accuracy)`` of one trial.
+
+    Greedy decoding runs one token past the answer so that an extra digit counts as wrong.
+    """
+    generated = greedy_decode(
+        logits_fn, prompt.ids, len(prompt.answer_ids) + 1, stop_ids=(tokenizer.eod,)
+    )
+    exact = float(leading_digits(tokenizer.detokenize(generated)) == prompt.key)
+    _, token_acc = teacher_forced_token_accuracy(logits_fn, prompt.ids, prompt.answer_ids)
+    return exact, token_acc
+
+
+def evaluate_passkey(
+    logits_fn: LogitsFn,
+    tokenizer: Tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    seed: int,
+    max_position: int | None = None,
+    digits: int = 5,
+    progress: bool = True,
+) -> PasskeyResult:
+    """Passkey retrieval accuracy for every (length, depth) cell, ``trials`` keys each.
+
+    Args:
+        logits_fn: the model.
+        tokenizer: its tokenizer.
+        lengths: prompt lengths in tokens (each <= max_position).
+        depths: needle depths in [0, 1].
+        trials: keys per cell (>= 1).
+        seed: evaluation seed (>= 0); the prompts depend only on it and the cell/trial.
+        max_position: the model's context window; None skips the check.
+        digits: key digits.
+        progress: show a tqdm bar on stderr.
+    """
+    lengths = check_lengths(lengths, max_position)
+    depths = check_depths(depths)
+    check_positive_ints("trials", [trials])
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    result = PasskeyResult(lengths, depths, trials, seed, digits)
+    bar = tqdm(
+        total=len(lengths) * len(depths) * trials,
+        desc="passkey",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    with bar:
+        for length in lengths:
+            exact_row, token_row = [], []
+            for depth in depths:
+                scores = []
+                for trial in range(trials):
+                    prompt = make_passkey_prompt(tokenizer, length, depth, seed, trial, digits)
+                    scores.append(score_passkey_trial(logits_fn, tokenizer, prompt))
+                    bar.update(1)
+                exact_row.append(float(np.mean([s[0] for s in scores])))
+                token_row.append(float(np.mean([s[1] for s in scores])))
+            result.exact_match.append(exact_row)
+            result.token_accuracy.append(token_row)
+    return result

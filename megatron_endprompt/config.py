@@ -7,7 +7,7 @@ compute. Field names follow Megatron-LM / Hugging Face so conversions are lossle
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ROPE_SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
@@ -90,3 +90,259 @@ class RopeScalingConfig:
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict (for checkpoints and reports)."""
         return asdict(self)
+
+
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+TRANSFORMER_IMPLS = ("local", "te")
+PARAMS_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a GPT (Llama-style) model; defaults are the ``tiny`` recipe."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Transformer hidden size."""
+    ffn_hidden_size: int = 352
+    """MLP intermediate size (per branch of the SwiGLU gate)."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int | None = 2
+    """Key/value heads (grouped-query attention); None means one per query head."""
+    kv_channels: int | None = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    seq_length: int = 256
+    """Training sequence length S (input tokens per sample)."""
+    max_position_embeddings: int = 2048
+    """Context window the model is built for (positions stay below it)."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary size (before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size (as Megatron)."""
+    rotary_base: float = 10000.0
+    """RoPE base theta."""
+    rotary_percent: float = 1.0
+    """Fraction of each head dimension that is rotated."""
+    rotary_interleaved: bool = False
+    """Rotate interleaved channel pairs (GPT-J style) instead of the two halves (Llama)."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE context-extension scaling."""
+    normalization: str = "RMSNorm"
+    """RMSNorm | LayerNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalization layers."""
+    swiglu: bool = True
+    """SwiGLU MLP (gate and up projections fused in linear_fc1)."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate input embedding and output projection weights."""
+    add_bias_linear: bool = False
+    """Biases in the linear layers (Megatron's --disable-bias-linear turns them off)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout after the attention and MLP blocks."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    transformer_impl: str = "local"
+    """local (megatron-core modules + torch SDPA, runs on CPU) | te (Transformer Engine, GPU)."""
+    params_dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16."""
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "seq_length",
+            "max_position_embeddings",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        ):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                _flag(name),
+                value,
+                "must be a positive integer",
+            )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "--hidden-size",
+                self.hidden_size,
+                f"is not divisible by --num-attention-heads={self.num_attention_heads} "
+                "(set --kv-channels explicitly)",
+            )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        _require(self.kv_channels > 0, "--kv-channels", self.kv_channels, "must be > 0")
+        _require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            "--num-attention-heads",
+            self.num_attention_heads,
+            f"is not divisible by --num-query-groups={self.num_query_groups}",
+        )
+        _require(
+            self.seq_length <= self.max_position_embeddings,
+            "--seq-length",
+            self.seq_length,
+            f"exceeds --max-position-embeddings={self.max_position_embeddings}",
+        )
+        self._check_numerics()
+
+    def _check_numerics(self) -> None:
+        _require(self.rotary_base > 1, "--rotary-base", self.rotary_base, "must be > 1")
+        _require(
+            0 < self.rotary_percent <= 1,
+            "--rotary-percent",
+            self.rotary_percent,
+            "must be in (0, 1]",
+        )
+        _require(
+            isinstance(self.rope_scaling, RopeScalingConfig),
+            "rope_scaling",
+            self.rope_scaling,
+            "must be a RopeScalingConfig",
+        )
+        _require(
+            self.normalization in NORMALIZATIONS,
+            "--normalization",
+            self.normalization,
+            f"must be one of {', '.join(NORMALIZATIONS)}",
+        )
+        _require(self.norm_epsilon > 0, "--norm-epsilon", self.norm_epsilon, "must be > 0")
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, _flag(name), value, "must be in [0, 1)")
+        _require(self.init_method_std > 0, "--init-method-std", self.init_method_std, "must be > 0")
+        _require(
+            self.transformer_impl in TRANSFORMER_IMPLS,
+            "--transformer-impl",
+            self.transformer_impl,
+            f"must be one of {', '.join(TRANSFORMER_IMPLS)}",
+        )
+        _require(
+            self.params_dtype in PARAMS_DTYPES,
+            "--params-dtype",
+            self.params_dtype,
+            f"must be one of {', '.join(PARAMS_DTYPES)}",
+        )
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Vocabulary padded to a multiple of make_vocab_size_divisible_by x TP (as Megatron)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def validate_against(self, parallel: ParallelConfig) -> None:
+        """Check that the model shape splits over the parallel layout.
+
+        Raises:
+            ValueError: Naming both flags, e.g. "--num-attention-heads=12: is not divisible by
+                --tensor-model-parallel-size=8".
+        """
+        tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        tp_flag = f"--tensor-model-parallel-size={tp}"
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            value = getattr(self, name)
+            _require(value % tp == 0, _flag(name), value, f"is not divisible by {tp_flag}")
+        _require(
+            self.num_layers % pp == 0,
+            "--num-layers",
+            self.num_layers,
+            f"is not divisible by --pipeline-model-parallel-size={pp}",
+        )
+        vpp = parallel.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _require(
+                self.num_layers % (pp * vpp) == 0,
+                "--num-layers",
+                self.num_layers,
+                f"is not divisible by --pipeline-model-parallel-size={pp} x "
+                f"--virtual-pipeline-model-parallel-size={vpp}",
+            )
+        if parallel.sequence_parallel:
+            _require(
+                self.seq_length % tp == 0,
+                "--seq-length",
+                self.seq_length,
+                f"is not divisible by {tp_flag} (needed by --sequence-parallel)",
+            )
+        cp = parallel.context_parallel_size
+        if cp > 1:
+            _require(
+                self.seq_length % (2 * cp) == 0,
+                "--seq-length",
+                self.seq_length,
+                f"is not divisible by 2 x --context-parallel-size={cp}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (for checkpoints and reports)."""
+        return asdict(self)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over devices (megatron-core parallel state)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (splits heads, MLP and vocabulary)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (splits layers)."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank (interleaved schedule); None for no interleaving."""
+    context_parallel_size: int = 1
+    """Context-parallel size (splits the sequence inside attention; needs TE)."""
+    sequence_parallel: bool = False
+    """Shard norms and dropout activations along the sequence over the tensor-parallel group."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                _flag(name),
+                value,
+                "must be an integer >= 1",
+            )
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            _require(
+                isinstance(vpp, int) and vpp >= 2,
+                "--virtual-pipeline-model-parallel-size",
+                vpp,
+                "must be an integer >= 2 (or unset)",
+            )
+            _require(
+                self.pipeline_model_parallel_size > 1,
+                "--virtual-pipeline-model-parallel-size",
+                vpp,
+                "needs --pipeline-model-parallel-size > 1",
+            )
+        _require(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "--sequence-parallel",
+            self.sequence_parallel,
+            "needs --tensor-model-parallel-size > 1",
+        )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """TP x PP: ranks holding one copy of the model."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+def _flag(name: str) -> str:
+    """The Megatron-style flag of a field: ``num_layers`` -> ``--num-layers``."""
+    return "--" + name.replace("_", "-")

@@ -1,0 +1,185 @@
+"""Device and process-group setup: the only module that names CUDA explicitly.
+
+Everything device-specific lives here so the model, data and loss code stay device-agnostic:
+
+* ``init_distributed``: torch.distributed with gloo (CPU) or NCCL (CUDA).
+* ``initialize_model_parallel``: megatron-core's parallel state (TP/PP/CP/DP groups).
+* ``model_parallel_seed``: seeds for weight initialisation. megatron-core's
+  ``model_parallel_cuda_manual_seed`` drives CUDA generators only; on CPU the model is built with
+  ``use_cpu_initialization=True``, where megatron creates every full weight from torch's default
+  CPU generator and keeps this rank's shard, so seeding that generator identically on every rank
+  gives consistent shards of one full model, with no per-rank seed and no CUDA RNG tracker. (The
+  full model still depends on the TP size: the vocabulary is padded per TP size, which shifts
+  later draws. To compare layouts, load the same weights, as tests/model/test_tp.py does.)
+* ``default_transformer_impl``: ``te`` when CUDA and Transformer Engine are available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_endprompt.config import ParallelConfig
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device can be used."""
+    return torch.cuda.is_available()
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine is importable (without importing it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def default_transformer_impl() -> str:
+    """``te`` on CUDA with Transformer Engine installed, else ``local`` (torch SDPA)."""
+    return "te" if cuda_available() and transformer_engine_available() else "local"
+
+
+def default_backend() -> str:
+    """``nccl`` on CUDA, else ``gloo``."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def free_port() -> int:
+    """An unused local TCP port (for single-node rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    backend: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    port: int | None = None,
+) -> tuple[int, int]:
+    """Initialise torch.distributed once (torchrun environment or explicit arguments).
+
+    Args:
+        backend: ``gloo`` or ``nccl``; None picks :func:`default_backend`.
+        rank: This process's rank; None reads ``RANK`` (default 0).
+        world_size: Number of processes; None reads ``WORLD_SIZE`` (default 1).
+        port: Rendezvous port on 127.0.0.1; None uses ``MASTER_ADDR``/``MASTER_PORT`` when set
+            (torchrun), else a free port (single process).
+
+    Returns:
+        (rank, world_size) of the initialised default group.
+
+    Raises:
+        ValueError: If ``backend`` is unknown, or nccl is requested without CUDA.
+    """
+    backend = backend or default_backend()
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: must be gloo or nccl")
+    if backend == "nccl" and not cuda_available():
+        raise ValueError("backend='nccl' needs CUDA; use gloo on CPU")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if port is None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        init_method = "env://"  # torchrun / SLURM launchers
+    else:
+        # Explicit local rendezvous; os.environ is left alone so child processes do not inherit
+        # a port this process already holds.
+        init_method = f"tcp://127.0.0.1:{port or free_port()}"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    dist.init_process_group(
+        backend=backend, init_method=init_method, rank=rank, world_size=world_size
+    )
+    return rank, world_size
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
+) -> None:
+    """Create megatron-core's process groups (re-creating them if the layout changed).
+
+    Requires :func:`init_distributed` first. Works on gloo: megatron-core builds its groups with
+    the default backend.
+    """
+    if ps.model_parallel_is_initialized():
+        same = (
+            ps.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
+            and ps.get_pipeline_model_parallel_world_size() == pipeline_model_parallel_size
+            and ps.get_context_parallel_world_size() == context_parallel_size
+        )
+        if same:
+            return
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+
+
+def ensure_model_parallel(parallel_config: ParallelConfig) -> None:
+    """Make sure megatron's parallel state exists and matches ``parallel_config``.
+
+    A single process without torch.distributed (tools, tests, quickstart) gets a 1-rank group.
+
+    Raises:
+        ValueError: If the state is missing in a multi-process run, or has another layout.
+    """
+    p = parallel_config
+    if not ps.model_parallel_is_initialized():
+        if not dist.is_initialized() and p.model_parallel_size * p.context_parallel_size == 1:
+            init_distributed(rank=0, world_size=1)
+        if not dist.is_initialized():
+            raise ValueError(
+                "torch.distributed is not initialised: call training.device.init_distributed() "
+                "and initialize_model_parallel() before building a model-parallel model"
+            )
+        initialize_model_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size,
+            p.context_parallel_size,
+        )
+    layout = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+    )
+    wanted = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
+    if layout != wanted:
+        raise ValueError(
+            f"megatron parallel state has (TP, PP, CP) = {layout}, but the config asks for "
+            f"{wanted} (--tensor-model-parallel-size, --pipeline-model-parallel-size, "
+            "--context-parallel-size)"
+        )
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed weight initialisation identically on every rank.
+
+    CPU: seeds torch's default generator (used by megatron's ``use_cpu_initialization`` path,
+    which draws the full weight and keeps this rank's shard). CUDA: additionally sets up
+    megatron's CUDA RNG tracker (per-TP-rank streams for dropout and GPU initialisation).
+    """
+    torch.manual_seed(seed)
+    if cuda_available() and ps.model_parallel_is_initialized():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel state and the default process group."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

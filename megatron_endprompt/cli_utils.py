@@ -18,7 +18,7 @@ import textwrap
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 
@@ -32,7 +32,7 @@ class Flag:
     """For bools: the flag stores the negation of the field (``--disable-X`` sets X False)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (its help text)."""
     try:
@@ -103,8 +103,9 @@ def add_dataclass_args(
         scalar, _, is_list = _base_type(tp)
         if scalar is bool and not is_list:
             store_true = not flag.invert
-            group.add_argument(flag.name, action="store_true" if store_true else "store_false",
-                               **kwargs)
+            group.add_argument(
+                flag.name, action="store_true" if store_true else "store_false", **kwargs
+            )
             continue
         if is_list:
             kwargs["nargs"] = "+"

@@ -27,7 +27,7 @@ PLACEMENTS = ("fixed", "random")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` as int, raising ValueError naming ``name`` if it is not an int >= minimum."""
+    """``value`` as int; ValueError naming ``name`` unless it is an int >= minimum."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:

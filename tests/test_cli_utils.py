@@ -37,7 +37,9 @@ class Toy:
 
 def _parser():
     p = argparse.ArgumentParser()
-    add_dataclass_args(p, Toy, "toy", flags={"add_bias_linear": Flag("--disable-bias-linear", True)})
+    add_dataclass_args(
+        p, Toy, "toy", flags={"add_bias_linear": Flag("--disable-bias-linear", True)}
+    )
     return p
 
 
@@ -48,7 +50,17 @@ def test_field_docs_are_help_text():
 
 def test_parse_types_and_bool_inversion():
     args = _parser().parse_args(
-        ["--num-layers", "4", "--lr", "3e-4", "--disable-bias-linear", "--swiglu", "--cues", "a", "b"]
+        [
+            "--num-layers",
+            "4",
+            "--lr",
+            "3e-4",
+            "--disable-bias-linear",
+            "--swiglu",
+            "--cues",
+            "a",
+            "b",
+        ]
     )
     toy = dataclass_from_args(Toy, args)
     assert toy == Toy(num_layers=4, lr=3e-4, add_bias_linear=False, swiglu=True, cues=["a", "b"])
@@ -69,7 +81,9 @@ def test_validation_runs_through_the_dataclass():
 
 def test_rope_scaling_flags_with_prefix():
     p = argparse.ArgumentParser()
-    add_dataclass_args(p, RopeScalingConfig, "rope", flags={"rope_type": Flag("--rope-scaling-type")})
+    add_dataclass_args(
+        p, RopeScalingConfig, "rope", flags={"rope_type": Flag("--rope-scaling-type")}
+    )
     args = p.parse_args(["--rope-scaling-type", "linear", "--factor", "2.5"])
     cfg = dataclass_from_args(RopeScalingConfig, args)
     assert cfg.rope_type == "linear" and cfg.factor == 2.5

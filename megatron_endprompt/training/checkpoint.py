@@ -176,7 +176,11 @@ def checkpoint_path(load_dir: str, rank: ShardRank, iteration: int | None = None
         if iteration is None:
             return None
     base = iteration_dir(load_dir, iteration)
-    if iteration == 0 and not os.path.isdir(base) and os.path.isdir(os.path.join(load_dir, "release")):
+    if (
+        iteration == 0
+        and not os.path.isdir(base)
+        and os.path.isdir(os.path.join(load_dir, "release"))
+    ):
         base = os.path.join(load_dir, "release")
     path = os.path.join(base, rank.shard_name, "model_optim_rng.pt")
     if not os.path.isfile(path):

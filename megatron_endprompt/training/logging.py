@@ -24,8 +24,14 @@ def format_duration(seconds: float) -> str:
 
 
 def model_flops_per_token(
-    num_layers: int, hidden_size: int, ffn_hidden_size: int, seq_length: int, vocab_size: int,
-    num_attention_heads: int, num_query_groups: int, swiglu: bool,
+    num_layers: int,
+    hidden_size: int,
+    ffn_hidden_size: int,
+    seq_length: int,
+    vocab_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    swiglu: bool,
 ) -> float:
     """Training FLOPs per token (forward + backward = 3x forward) of a decoder-only transformer.
 

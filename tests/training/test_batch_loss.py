@@ -54,13 +54,16 @@ def test_cp_split_matches_megatron_and_keeps_alignment(monkeypatch):
         ours = split_for_context_parallel(batch, rank, cp)
 
         class G:  # a stand-in process group with the rank/size megatron asks for
+            def __init__(self, r):
+                self.r = r
+
             def size(self):
                 return cp
 
             def rank(self):
-                return rank
+                return self.r
 
-        theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=G())
+        theirs = get_batch_on_this_cp_rank(dict(batch), cp_group=G(rank))
         for k in batch:
             torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0)
     kept = split_for_context_parallel(batch, 0, cp)["position_ids"][0].tolist()

@@ -25,7 +25,9 @@ def test_save_load_roundtrip_and_tracker(tmp_path):
     torch.testing.assert_close(loaded["model"]["w"], _state(2)["model"]["w"], rtol=0, atol=0)
     older = ckpt.load_checkpoint(save, ShardRank(), iteration=10)
     torch.testing.assert_close(older["model"]["w"], _state(1)["model"]["w"], rtol=0, atol=0)
-    assert os.path.isfile(os.path.join(save, "iter_0000020", "mp_rank_00_000", "model_optim_rng.pt"))
+    assert os.path.isfile(
+        os.path.join(save, "iter_0000020", "mp_rank_00_000", "model_optim_rng.pt")
+    )
 
 
 def test_no_checkpoint_returns_none(tmp_path):

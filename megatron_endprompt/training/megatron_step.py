@@ -1,0 +1,120 @@
+"""The CUDA path: megatron-core DDP, optimizer and pipeline schedules (PP, virtual PP).
+
+Mirrors Megatron-LM's ``training.py`` setup: one model chunk per virtual stage,
+``Float16Module`` for bf16, megatron ``DistributedDataParallel`` with fp32 gradient buffers,
+``get_megatron_optimizer`` (distributed optimizer optional), and ``get_forward_backward_func``
+running the micro-batches. The loss is the same global weighted mean as on CPU: the schedule (legacy 2-tuple loss) multiplies
+by CP and divides by the number of micro-batches, and megatron DDP averages over DP x CP, so each
+micro-batch returns ``sum(w * CE) * DP * num_microbatches / W``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_endprompt.training.loss import global_weight_sum, microbatch_objective
+from megatron_endprompt.training.runtime import Runtime
+from megatron_endprompt.training.step import StepShape, fetch_microbatches
+
+
+def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module]):
+    """Wrap model chunks in Float16Module/DDP, build the megatron optimizer; returns both."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
+
+    t, p = run.training, run.parallel
+    config = model_chunks[0].config
+    if t.bf16:
+        model_chunks = [Float16Module(config, m) for m in model_chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0
+        )
+        for i, m in enumerate(model_chunks)
+    ]
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    return wrapped, optimizer
+
+
+def _forward_step(batches_iter: Iterator, model, loss_fn):
+    batch = next(batches_iter)
+    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    return output, partial(loss_fn, batch["loss_mask"])
+
+
+def train_step_megatron(
+    model: list[torch.nn.Module],
+    optimizer,
+    data_iterator: Iterator | None,
+    shape: StepShape,
+    rt: Runtime,
+) -> dict[str, float]:
+    """One iteration through megatron-core's schedule; returns loss and grad norm."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = fetch_microbatches(data_iterator, shape, rt)
+    w_total = global_weight_sum([b["loss_mask"] for b in batches], rt.dp_cp_group)
+    grad_scale = float(rt.dp_size * shape.num_microbatches)
+
+    def loss_fn(loss_mask, per_token_loss):
+        objective, wsum = microbatch_objective(per_token_loss, loss_mask, w_total, grad_scale)
+        return objective, {"weighted_sum": wsum}
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    # Every virtual stage consumes every micro-batch once: one iterator per chunk.
+    iterators = [iter(batches) for _ in model]
+    outputs = get_forward_backward_func()(
+        forward_step_func=lambda it, m: _forward_step(it, m, loss_fn),
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=shape.num_microbatches,
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
+        forward_only=False,
+    )
+    ok, norm, _ = optimizer.step()
+    weighted = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for out in outputs or []:
+        weighted += out["weighted_sum"].double()
+    if rt.is_last_stage and rt.dp_cp_group is not None and dist.get_world_size(rt.dp_cp_group) > 1:
+        dist.all_reduce(weighted, group=rt.dp_cp_group)
+    loss = float(weighted / w_total) if float(w_total) > 0 else 0.0
+    return {
+        "loss": loss,
+        "grad_norm": float(norm or 0.0),
+        "skipped": float(not ok),
+        "loss_scale": float(optimizer.get_loss_scale()),
+    }

@@ -503,6 +503,8 @@ class TrainingConfig:
     """Validate every N iterations (0: only at the end when --eval-iters > 0)."""
     eval_iters: int = 0
     """Validation micro-batch iterations per evaluation."""
+    exit_interval: int | None = None
+    """Save a checkpoint and exit once the iteration number is divisible by N."""
 
     def __post_init__(self) -> None:
         _require(
@@ -564,6 +566,8 @@ class TrainingConfig:
             self.eval_interval,
             "--eval-interval and --eval-iters must be >= 0",
         )
+        if self.exit_interval is not None:
+            _require(self.exit_interval >= 1, "--exit-interval", self.exit_interval, "must be >= 1")
 
 
 @dataclass

@@ -88,7 +88,7 @@ class MetricsLogger:
         eta = elapsed / done * (self.total_iters - iteration)
         parts = [f"iter {iteration:>6d}/{self.total_iters}"]
         for name, value in scalars.items():
-            parts.append(f"{name} {value:.4g}" if abs(value) < 1e5 else f"{name} {value:.3e}")
+            parts.append(f"{name} {value:.6g}" if abs(value) < 1e5 else f"{name} {value:.3e}")
         parts.append(f"interval {interval_s:.2f}s")
         parts.append(f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
         line = " | ".join(parts)

@@ -132,6 +132,10 @@ def train(run: RunConfig) -> TrainResult:
         save_now = (
             run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0
         )
+        exit_now = t.exit_interval and state.iteration % t.exit_interval == 0
+        if exit_now and state.iteration < run.train_iters:
+            last_path, interrupted = _save(run, rt, objs, state), True
+            break
         if handler is not None and handler.should_exit(rt.device):
             last_path, interrupted = _save(run, rt, objs, state), True
             break

@@ -1,0 +1,208 @@
+"""Training flags: Megatron names, presets, and validation that fails before any compute."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_endprompt.cli import build_parser, parse_run_config
+from megatron_endprompt.plan import memory_estimate_gib, parameter_count
+
+BASE = ["--tokenizer-type", "ByteTokenizer", "--data-path", "x", "--train-iters", "10"]
+
+
+def parse(*flags, world_size=1, cuda=False):
+    return parse_run_config([*BASE, *flags], world_size=world_size, cuda_available=cuda)
+
+
+def test_megatron_flag_names_exist():
+    help_text = build_parser().format_help()
+    for flag in (
+        "--tensor-model-parallel-size",
+        "--pipeline-model-parallel-size",
+        "--context-parallel-size",
+        "--sequence-parallel",
+        "--use-distributed-optimizer",
+        "--num-layers",
+        "--hidden-size",
+        "--ffn-hidden-size",
+        "--num-attention-heads",
+        "--num-query-groups",
+        "--seq-length",
+        "--max-position-embeddings",
+        "--rotary-base",
+        "--rotary-percent",
+        "--normalization",
+        "--swiglu",
+        "--untie-embeddings-and-output-weights",
+        "--disable-bias-linear",
+        "--rope-scaling-type",
+        "--rope-scaling-factor",
+        "--rope-original-max-position-embeddings",
+        "--position-mode",
+        "--target-length",
+        "--endprompt-terminal",
+        "--endprompt-placement",
+        "--endprompt-cues",
+        "--endprompt-tail-length",
+        "--endprompt-terminal-loss-weight",
+        "--pose-num-chunks",
+        "--data-path",
+        "--split",
+        "--data-cache-path",
+        "--tokenizer-type",
+        "--tokenizer-model",
+        "--micro-batch-size",
+        "--global-batch-size",
+        "--train-iters",
+        "--train-samples",
+        "--lr",
+        "--min-lr",
+        "--lr-warmup-iters",
+        "--lr-decay-style",
+        "--weight-decay",
+        "--clip-grad",
+        "--adam-beta1",
+        "--adam-beta2",
+        "--seed",
+        "--bf16",
+        "--fp8-format",
+        "--fp8-recipe",
+        "--recompute-granularity",
+        "--save",
+        "--load",
+        "--save-interval",
+        "--no-load-optim",
+        "--finetune",
+        "--tensorboard-dir",
+        "--log-interval",
+        "--eval-interval",
+        "--eval-iters",
+        "--transformer-impl",
+        "--device",
+        "--model-preset",
+        "--num-layers-per-virtual-pipeline-stage",
+    ):
+        assert flag in help_text, flag
+
+
+def test_preset_then_flags_override():
+    run = parse("--model-preset", "llama3-8b", "--num-layers", "2", "--seq-length", "1024")
+    assert run.model.hidden_size == 4096 and run.model.num_layers == 2
+    assert run.model.seq_length == 1024
+    assert run.model.rope_scaling.rope_type == "none"
+    run = parse("--rope-scaling-type", "linear", "--rope-scaling-factor", "2.5")
+    assert run.model.rope_scaling.factor == 2.5
+
+
+def test_global_batch_defaults_and_microbatches():
+    run = parse("--micro-batch-size", "2", world_size=4)  # DP 4
+    assert run.training.global_batch_size == 8 and run.num_microbatches == 1
+    run = parse("--micro-batch-size", "2", "--global-batch-size", "32", world_size=4)
+    assert run.num_microbatches == 4
+
+
+def test_train_samples_gives_iterations():
+    run = parse_run_config(
+        [
+            "--tokenizer-type",
+            "ByteTokenizer",
+            "--data-path",
+            "x",
+            "--train-samples",
+            "100",
+            "--global-batch-size",
+            "8",
+        ]
+    )
+    assert run.train_iters == 13  # ceil(100 / 8)
+
+
+@pytest.mark.parametrize(
+    "flags, world, cuda, match",
+    [
+        (
+            [
+                "--num-attention-heads",
+                "4",
+                "--num-query-groups",
+                "2",
+                "--tensor-model-parallel-size",
+                "4",
+            ],
+            4,
+            True,
+            "num-query-groups",
+        ),
+        (["--tensor-model-parallel-size", "3"], 3, True, "tensor-model-parallel-size"),
+        (
+            ["--num-layers", "4", "--pipeline-model-parallel-size", "3"],
+            3,
+            True,
+            "pipeline-model-parallel-size",
+        ),
+        (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, False, "global-batch-size"),
+        (
+            ["--seq-length", "512", "--max-position-embeddings", "2048", "--target-length", "256"],
+            1,
+            False,
+            "--seq-length=512 exceeds --target-length=256",
+        ),
+        (["--target-length", "4096"], 1, False, "max-position-embeddings"),
+        (["--pipeline-model-parallel-size", "2"], 2, False, "--device cpu does not support"),
+        (["--bf16"], 1, False, "--device cpu does not support --bf16"),
+        (["--fp8-format", "hybrid"], 1, True, "transformer-impl te"),
+        (["--context-parallel-size", "2", "--transformer-impl", "te"], 2, True, "divisible by 2 x"),
+        (["--position-mode", "middle"], 1, False, "--position-mode"),
+        (
+            ["--rope-scaling-type", "yarn", "--rope-scaling-factor", "4"],
+            1,
+            False,
+            "rope-original-max-position-embeddings",
+        ),
+        (["--lr-decay-style", "exp"], 1, False, "--lr-decay-style"),
+        (["--tensor-model-parallel-size", "2"], 3, True, "world size 3"),
+    ],
+)
+def test_invalid_combinations_name_the_flag(flags, world, cuda, match):
+    if "divisible by 2 x" in match:
+        flags = [*flags, "--seq-length", "250", "--max-position-embeddings", "2048"]
+    with pytest.raises(ValueError, match=match):
+        parse(*flags, world_size=world, cuda=cuda)
+
+
+def test_cuda_requested_without_cuda():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        parse("--device", "cuda", cuda=False)
+
+
+def test_parameter_count_matches_published_sizes():
+    run = parse("--model-preset", "llama3-8b")
+    assert abs(parameter_count(run, 128256) - 8.03e9) < 0.01e9
+    run = parse("--model-preset", "llama2-7b")
+    assert abs(parameter_count(run, 32000) - 6.74e9) < 0.01e9
+
+
+def test_memory_estimate_hand_worked():
+    run = parse("--model-preset", "llama3-8b", world_size=8, cuda=True)
+    # 1e9 params, TP=PP=1, fp32 weights (4) + fp32 grads (4) + Adam state not sharded (12).
+    assert memory_estimate_gib(run, 10**9) == pytest.approx(20e9 / 2**30)
+
+
+def test_entry_point_reports_bad_flags_without_traceback():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_endprompt.train",
+            *BASE,
+            "--tensor-model-parallel-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr

@@ -173,6 +173,8 @@ def parse_run_config(
         ),
     )
     training = dataclass_from_args(TrainingConfig, args)
+    if training.bf16:  # Megatron-LM: --bf16 means bf16 parameters (fp32 master weights)
+        model = dataclasses.replace(model, params_dtype="bfloat16")
     run = RunConfig(
         model=model,
         parallel=parallel,

@@ -35,46 +35,34 @@ def parse_blend(data_path: Sequence[str]) -> tuple[list[str], list[float] | None
     return list(prefixes), weights
 
 
-def is_dataset_built_on_rank(
-    tensor_rank: int | None = None,
-    pipeline_rank: int | None = None,
-    pipeline_size: int | None = None,
-) -> bool:
-    """Whether this rank reads data: TP rank 0 on the first or the last pipeline stage.
+def is_dataset_built_on_rank(tensor_rank: int | None = None) -> bool:
+    """Whether this rank reads data: tensor-parallel rank 0 of EVERY pipeline stage.
 
-    The first stage needs tokens and position ids, the last one labels and loss weights; the
-    other ranks receive them by broadcast. Ranks default to megatron-core's ``parallel_state``
-    when it is initialised; without torch.distributed the single process builds.
+    Unlike megatron's GPT example (first and last stage only), every stage builds its own rotary
+    table from ``position_ids``, so every stage reads; TP ranks > 0 receive the batch by
+    broadcast (training/batch.py).
 
     Args:
-        tensor_rank: tensor-parallel rank (None: from parallel_state, else 0).
-        pipeline_rank: pipeline-parallel rank (None: from parallel_state, else 0).
-        pipeline_size: pipeline-parallel world size (None: from parallel_state, else 1).
+        tensor_rank: tensor-parallel rank; None reads megatron-core's ``parallel_state`` when it
+            is initialised (else 0: a single process builds).
 
     Returns:
         True where the dataset should be built.
     """
-    if tensor_rank is None or pipeline_rank is None or pipeline_size is None:
-        tp, pp, pp_size = _parallel_ranks()
-        tensor_rank = tp if tensor_rank is None else tensor_rank
-        pipeline_rank = pp if pipeline_rank is None else pipeline_rank
-        pipeline_size = pp_size if pipeline_size is None else pipeline_size
-    return tensor_rank == 0 and pipeline_rank in (0, pipeline_size - 1)
+    if tensor_rank is None:
+        tensor_rank = _tensor_rank()
+    return tensor_rank == 0
 
 
-def _parallel_ranks() -> tuple[int, int, int]:
-    """(tensor rank, pipeline rank, pipeline size) from parallel_state, or (0, 0, 1)."""
+def _tensor_rank() -> int:
+    """Tensor-parallel rank from parallel_state, or 0 without model parallelism."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return 0, 0, 1
+        return 0
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
-        return 0, 0, 1
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-    )
+        return 0
+    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def build_datasets(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_endprompt.cli import RunConfig
 from megatron_endprompt.training import checkpoint as ckpt
@@ -59,6 +59,13 @@ def _flops_per_token(run: RunConfig) -> float:
 def _save(run: RunConfig, rt: Runtime, objs, state: TrainState) -> str | None:
     if not run.checkpoint.save:
         return None
+    if run.device == "cuda":
+        from megatron_endprompt.training import dist_checkpoint
+
+        path = dist_checkpoint.save(run, rt, objs, state)
+        if rt.is_logging_rank:
+            print(f"saved checkpoint {path}", flush=True)
+        return path
     rank = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, rt.dp_rank)
     path = ckpt.save_checkpoint(
         run.checkpoint.save,
@@ -72,20 +79,87 @@ def _save(run: RunConfig, rt: Runtime, objs, state: TrainState) -> str | None:
     return path
 
 
+def _step_fns(run: RunConfig, rt: Runtime, objs, shape: StepShape):
+    """(train_step(data_iter) -> metrics, evaluate(data_iter) -> loss) for the run's device."""
+    t = run.training
+    if run.device == "cuda":
+        from megatron_endprompt.training.megatron_step import (
+            evaluate_megatron,
+            train_step_megatron,
+        )
+
+        return (
+            lambda it: train_step_megatron(objs.model, objs.optimizer, it, shape, rt),
+            lambda it: evaluate_megatron(objs.model, it, shape, rt, t.eval_iters),
+        )
+    return (
+        lambda it: train_step_cpu(objs.model, objs.optimizer, it, shape, rt, t.clip_grad),
+        lambda it: evaluate_cpu(objs.model, it, shape, rt, t.eval_iters),
+    )
+
+
+@dataclass
+class _Meter:
+    """Interval and whole-run throughput (the first, warm-up iteration is excluded)."""
+
+    tokens_per_iter: int
+    t_interval: float = field(default_factory=time.perf_counter)
+    iters_interval: int = 0
+    t_first: float | None = None
+    iters_after_first: int = 0
+
+    def tick(self) -> None:
+        self.iters_interval += 1
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        else:
+            self.iters_after_first += 1
+
+    def interval(self) -> tuple[float, float]:
+        """(seconds, tokens/s) since the last call."""
+        dt = time.perf_counter() - self.t_interval
+        tps = self.tokens_per_iter * self.iters_interval / dt
+        self.t_interval, self.iters_interval = time.perf_counter(), 0
+        return dt, tps
+
+    def overall(self) -> float:
+        if not self.iters_after_first:
+            return float("nan")
+        return self.tokens_per_iter * self.iters_after_first / (time.perf_counter() - self.t_first)
+
+
+def _log(run, rt, logger, objs, state, metrics, meter) -> None:
+    dt, tps = meter.interval()
+    scalars = {
+        "loss": metrics["loss"],
+        "lr": objs.optimizer.param_groups[0]["lr"],
+        "grad_norm": metrics["grad_norm"],
+        "tokens_per_s": tps,
+        "tflops_per_device": tps * _flops_per_token(run) / 1e12 / rt.world_size,
+        **{k: metrics[k] for k in ("loss_scale",) if k in metrics},
+        **memory_stats(rt.device),
+    }
+    logger.log(state.iteration, scalars, dt)
+
+
+def _due(interval: int | None, iteration: int) -> bool:
+    return bool(interval) and iteration % interval == 0
+
+
 def train(run: RunConfig) -> TrainResult:
     """Run training as configured; returns the losses and throughput."""
+    p, t = run.parallel, run.training
     rt = setup_runtime(
         run.device,
-        run.parallel.tensor_model_parallel_size,
-        run.parallel.pipeline_model_parallel_size,
-        run.parallel.virtual_pipeline_model_parallel_size,
-        run.parallel.context_parallel_size,
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.virtual_pipeline_model_parallel_size,
+        p.context_parallel_size,
     )
-    seed_everything(run.training.seed)
+    seed_everything(t.seed)
     objs = build_training_objects(run, rt)
     state = load_into(run, rt, objs)
     train_ds, valid_ds = build_datasets_for_run(run, rt, objs.tokenizer)
-    t = run.training
     shape = StepShape(t.micro_batch_size, run.model.seq_length, run.num_microbatches)
     train_iter = make_data_iterator(
         train_ds,
@@ -96,68 +170,49 @@ def train(run: RunConfig) -> TrainResult:
         run.data.num_workers,
     )
     valid_iter = cycle_iterator(valid_ds, t.micro_batch_size, rt.dp_rank, rt.dp_size)
+    step, evaluate = _step_fns(run, rt, objs, shape)
     logger = MetricsLogger(run.logging.tensorboard_dir, run.train_iters, rt.is_logging_rank)
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
-    tokens_per_iter = t.global_batch_size * run.model.seq_length
-    losses, last_path, interrupted = [], None, False
-    interval_t0, interval_iters, run_t0, iters_done = time.perf_counter(), 0, None, 0
-    valid_loss = None
+    meter = _Meter(t.global_batch_size * run.model.seq_length)
+    losses, last_path, interrupted, valid_loss = [], None, False, None
     while state.iteration < run.train_iters:
-        metrics = train_step_cpu(objs.model, objs.optimizer, train_iter, shape, rt, t.clip_grad)
+        metrics = step(train_iter)
         objs.scheduler.step(increment=t.global_batch_size)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
         losses.append(metrics["loss"])
-        run_t0 = run_t0 or time.perf_counter()  # throughput excludes the first (warm-up) step
-        iters_done += 1
-        interval_iters += 1
-        if state.iteration % run.logging.log_interval == 0 or state.iteration == run.train_iters:
-            dt = time.perf_counter() - interval_t0
-            tps = tokens_per_iter * interval_iters / dt
-            scalars = {
-                "loss": metrics["loss"],
-                "lr": objs.optimizer.param_groups[0]["lr"],
-                "grad_norm": metrics["grad_norm"],
-                "tokens_per_s": tps,
-                "tflops_per_device": tps * _flops_per_token(run) / 1e12 / rt.world_size,
-                **memory_stats(rt.device),
-            }
-            logger.log(state.iteration, scalars, dt)
-            interval_t0, interval_iters = time.perf_counter(), 0
-        if t.eval_iters and t.eval_interval and state.iteration % t.eval_interval == 0:
-            valid_loss = evaluate_cpu(objs.model, valid_iter, shape, rt, t.eval_iters)
+        meter.tick()
+        if _due(run.logging.log_interval, state.iteration) or state.iteration == run.train_iters:
+            _log(run, rt, logger, objs, state, metrics, meter)
+        if t.eval_iters and _due(t.eval_interval, state.iteration):
+            valid_loss = evaluate(valid_iter)
             logger.log_eval(state.iteration, valid_loss)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at iteration {state.iteration}")
-        save_now = (
-            run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0
-        )
-        exit_now = t.exit_interval and state.iteration % t.exit_interval == 0
-        if exit_now and state.iteration < run.train_iters:
-            last_path, interrupted = _save(run, rt, objs, state), True
+        if state.iteration == run.train_iters:
             break
-        if handler is not None and handler.should_exit(rt.device):
-            last_path, interrupted = _save(run, rt, objs, state), True
-            break
-        if save_now and state.iteration < run.train_iters:
+        stop = _due(t.exit_interval, state.iteration)
+        stop = (handler is not None and handler.should_exit(rt.device)) or stop
+        if stop or _due(run.checkpoint.save_interval, state.iteration):
             last_path = _save(run, rt, objs, state)
+        if stop:
+            interrupted = True
+            break
     if not interrupted:
-        if t.eval_iters and (not t.eval_interval or state.iteration % t.eval_interval):
-            valid_loss = evaluate_cpu(objs.model, valid_iter, shape, rt, t.eval_iters)
+        if t.eval_iters and not _due(t.eval_interval, state.iteration):
+            valid_loss = evaluate(valid_iter)
             logger.log_eval(state.iteration, valid_loss)
         last_path = _save(run, rt, objs, state) or last_path
     if handler is not None:
         handler.restore()
     logger.close()
-    elapsed = time.perf_counter() - run_t0 if run_t0 else float("nan")
-    steady = max(iters_done - 1, 0)
     return TrainResult(
         iterations=state.iteration,
         consumed_samples=state.consumed_samples,
         losses=losses,
         final_loss=losses[-1] if losses else float("nan"),
         valid_loss=valid_loss,
-        tokens_per_s=tokens_per_iter * steady / elapsed if steady and elapsed > 0 else float("nan"),
+        tokens_per_s=meter.overall(),
         checkpoint=last_path,
         interrupted=interrupted,
     )

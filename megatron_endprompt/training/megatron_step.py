@@ -3,9 +3,11 @@
 Mirrors Megatron-LM's ``training.py`` setup: one model chunk per virtual stage,
 ``Float16Module`` for bf16, megatron ``DistributedDataParallel`` with fp32 gradient buffers,
 ``get_megatron_optimizer`` (distributed optimizer optional), and ``get_forward_backward_func``
-running the micro-batches. The loss is the same global weighted mean as on CPU: the schedule (legacy 2-tuple loss) multiplies
-by CP and divides by the number of micro-batches, and megatron DDP averages over DP x CP, so each
-micro-batch returns ``sum(w * CE) * DP * num_microbatches / W``.
+running the micro-batches. The loss is the same global weighted mean as on CPU: the schedule
+(legacy 2-tuple loss) multiplies by CP and divides by the number of micro-batches, and megatron
+DDP averages over DP x CP, so each micro-batch returns ``sum(w * CE) * DP * num_microbatches / W``.
+
+This path needs CUDA; it is exercised by tests/gpu when a GPU is present.
 """
 
 from __future__ import annotations
@@ -19,6 +21,42 @@ import torch.distributed as dist
 from megatron_endprompt.training.loss import global_weight_sum, microbatch_objective
 from megatron_endprompt.training.runtime import Runtime
 from megatron_endprompt.training.step import StepShape, fetch_microbatches
+
+
+def transformer_overrides(run) -> dict:
+    """TransformerConfig fields that come from training flags (recompute, FP8, RoPE fusion)."""
+    t = run.training
+    out: dict = {}
+    if t.recompute_granularity is not None:
+        out["recompute_granularity"] = t.recompute_granularity
+        if t.recompute_granularity == "full":
+            out["recompute_method"] = t.recompute_method
+            out["recompute_num_layers"] = t.recompute_num_layers
+    if t.fp8_format is not None:
+        out["fp8"] = t.fp8_format
+        out["fp8_recipe"] = t.fp8_recipe
+    # TE's fused RoPE takes one [s, 1, 1, d] table: only when every row shares the layout.
+    shared = t.micro_batch_size == 1 or not run.endprompt.is_per_sample_random
+    out["apply_rope_fusion"] = run.model.transformer_impl == "te" and shared
+    return out
+
+
+def build_model_chunks(run) -> list[torch.nn.Module]:
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
+    from megatron_endprompt.model.gpt import build_model
+
+    vpp = run.parallel.virtual_pipeline_model_parallel_size or 1
+    overrides = transformer_overrides(run)
+    return [
+        build_model(
+            run.model,
+            run.parallel,
+            vp_stage=i if vpp > 1 else None,
+            seed=run.training.seed,
+            **overrides,
+        )
+        for i in range(vpp)
+    ]
 
 
 def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module]):
@@ -118,3 +156,45 @@ def train_step_megatron(
         "skipped": float(not ok),
         "loss_scale": float(optimizer.get_loss_scale()),
     }
+
+
+@torch.no_grad()
+def evaluate_megatron(
+    model: list[torch.nn.Module],
+    data_iterator: Iterator | None,
+    shape: StepShape,
+    rt: Runtime,
+    eval_iters: int,
+) -> float:
+    """Global weighted mean validation loss through the schedule (forward only)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model:
+        chunk.eval()
+    weighted = torch.zeros((), dtype=torch.float64, device=rt.device)
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for _ in range(eval_iters):
+        batches = fetch_microbatches(data_iterator, shape, rt)
+        total += sum(b["loss_mask"].double().sum() for b in batches)
+
+        def loss_fn(loss_mask, per_token_loss):
+            wsum = (per_token_loss.double() * loss_mask.double()).sum()
+            return wsum.float(), {"weighted_sum": wsum}
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=lambda it, m: _forward_step(it, m, loss_fn),
+            data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=shape.num_microbatches,
+            seq_length=shape.seq_length,
+            micro_batch_size=shape.micro_batch_size,
+            forward_only=True,
+        )
+        for out in outputs or []:
+            weighted += out["weighted_sum"]
+    for group_tensor in (weighted, total):
+        if rt.dp_cp_group is not None and dist.get_world_size(rt.dp_cp_group) > 1:
+            dist.all_reduce(group_tensor, group=rt.dp_cp_group)
+    for chunk in model:
+        chunk.train()
+    return float(weighted / total) if float(total) > 0 else float("nan")

@@ -12,7 +12,11 @@ from typing import Any
 import torch
 
 from megatron_endprompt.cli import RunConfig
-from megatron_endprompt.data.builder import build_datasets
+from megatron_endprompt.data.builder import (
+    build_datasets,
+    is_dataset_built_on_rank,
+    parse_blend,
+)
 from megatron_endprompt.data.dataset import EndPromptDatasetConfig
 from megatron_endprompt.data.tokenizers import build_tokenizer
 from megatron_endprompt.model.gpt import build_model
@@ -42,10 +46,16 @@ class TrainingObjects:
 
 
 def build_training_objects(run: RunConfig, rt: Runtime) -> TrainingObjects:
-    """Tokenizer -> model (vocab from the tokenizer) -> DDP -> AdamW -> LR schedule."""
+    """Tokenizer -> model (vocab from the tokenizer) -> DDP -> optimizer -> LR schedule.
+
+    CPU: one module, torch DDP, torch AdamW. CUDA: megatron-core model chunks, DDP and optimizer
+    (``objs.model`` / ``objs.module`` are then lists of chunks).
+    """
     tokenizer = build_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
     run.model = dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
-    module = build_model(run.model, run.parallel).to(rt.device)
+    if run.device == "cuda":
+        return _build_megatron_objects(run, rt, tokenizer)
+    module = build_model(run.model, run.parallel, seed=run.training.seed).to(rt.device)
     model = module
     if rt.dp_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(module, process_group=rt.dp_group)
@@ -62,6 +72,28 @@ def build_training_objects(run: RunConfig, rt: Runtime) -> TrainingObjects:
         t.global_batch_size,
     )
     return TrainingObjects(tokenizer, model, module, optimizer, scheduler)
+
+
+def _build_megatron_objects(run: RunConfig, rt: Runtime, tokenizer) -> TrainingObjects:
+    from megatron_endprompt.training.megatron_step import (
+        build_megatron_training,
+        build_model_chunks,
+    )
+
+    chunks = build_model_chunks(run)
+    wrapped, optimizer = build_megatron_training(run, rt, chunks)
+    t = run.training
+    scheduler = build_scheduler(
+        optimizer,
+        t.lr,
+        t.min_lr,
+        t.weight_decay,
+        t.lr_warmup_iters,
+        t.lr_decay_iters or run.train_iters,
+        t.lr_decay_style,
+        t.global_batch_size,
+    )
+    return TrainingObjects(tokenizer, wrapped, chunks, optimizer, scheduler)
 
 
 def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> dict[str, Any]:
@@ -82,6 +114,13 @@ def load_into(run: RunConfig, rt: Runtime, objs: TrainingObjects) -> TrainState:
     c = run.checkpoint
     if not c.load:
         return TrainState()
+    if run.device == "cuda":
+        from megatron_endprompt.training import dist_checkpoint
+
+        state = TrainState()
+        if not dist_checkpoint.load(run, rt, objs, state) and rt.is_logging_rank:
+            print(f"--load={c.load}: no checkpoint found, starting from scratch", flush=True)
+        return state
     shard = ckpt.load_checkpoint(c.load, ShardRank(rt.tp_rank, rt.pp_rank, 0))
     if shard is None:
         if rt.is_logging_rank:
@@ -113,7 +152,7 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
     return EndPromptDatasetConfig(
         random_seed=run.training.seed,
         sequence_length=run.model.seq_length,
-        blend=_blend(d.data_path),
+        blend=parse_blend(d.data_path) if d.data_path else _missing_data_path(),
         split=d.split,
         path_to_cache=d.data_cache_path,
         tokenizer=tokenizer,
@@ -132,12 +171,8 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
     )
 
 
-def _blend(data_path: list[str]):
-    from megatron.core.datasets.utils import get_blend_from_list
-
-    if not data_path:
-        raise ValueError("--data-path is required")
-    return get_blend_from_list(data_path)
+def _missing_data_path():
+    raise ValueError("--data-path is required")
 
 
 def build_datasets_for_run(run: RunConfig, rt: Runtime, tokenizer):
@@ -147,7 +182,7 @@ def build_datasets_for_run(run: RunConfig, rt: Runtime, tokenizer):
     n_evals = (run.train_iters // t.eval_interval if t.eval_interval else 0) + 1
     sizes = [run.train_iters * gbs, n_evals * t.eval_iters * gbs if t.eval_iters else 0, 0]
     train, valid, _ = build_datasets(
-        dataset_config(run, tokenizer), sizes, is_built_on_rank=lambda: rt.is_data_reader
+        dataset_config(run, tokenizer), sizes, is_built_on_rank=is_dataset_built_on_rank
     )
     if rt.is_data_reader and train is None:
         raise ValueError(f"--split={run.data.split} leaves no training data")

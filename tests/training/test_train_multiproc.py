@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_fixtures import make_corpus, train_flags
 
 LINE = re.compile(r"^iter\s+(\d+)/\d+ \| loss ([\d.e+-]+) \| lr [\d.e+-]+ \| grad_norm ([\d.e+-]+)")

@@ -6,12 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from train_fixtures import make_corpus, train_flags
 
 from megatron_endprompt.cli import parse_run_config
 from megatron_endprompt.training import checkpoint as ckpt
 from megatron_endprompt.training.loop import train
-
-from train_fixtures import make_corpus, train_flags
 
 
 @pytest.fixture(scope="module")

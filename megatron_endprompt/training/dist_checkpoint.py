@@ -1,0 +1,143 @@
+"""CUDA checkpoints through megatron-core ``dist_checkpointing`` (reshardable across TP/PP/DP).
+
+Same directory contract as the CPU format (``iter_N`` published by rename after every rank
+wrote, tracker rewritten atomically; see checkpoint.py), but the payload is megatron-core's
+sharded format: a checkpoint saved with one TP/PP layout loads into another. Model chunks are
+stored under ``model`` (or ``model0``, ``model1``, ... with virtual pipeline stages), the optimizer
+through its own ``sharded_state_dict``, and per-rank RNG states as ``ShardedObject`` s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_endprompt.training import checkpoint as ckpt
+
+
+def _model_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _rng_sharded(rt) -> Any:
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = ckpt.get_rng_state()
+    state["rng_tracker_states"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    # One object per (PP, TP) coordinate, replicated over DP (as Megatron-LM stores it).
+    return ShardedObject(
+        "rng_state",
+        state,
+        (rt.pp_size, rt.tp_size),
+        (rt.pp_rank, rt.tp_rank),
+        replica_id=rt.dp_rank,
+    )
+
+
+def sharded_state(run, rt, objs, state, for_load: bool = False) -> dict[str, Any]:
+    """The sharded state dict of model chunks, optimizer, scheduler, RNG and progress."""
+    chunks = objs.model
+    sd: dict[str, Any] = {}
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        sd[key] = chunk.sharded_state_dict()
+    model_sd = sd if len(chunks) > 1 else sd["model"]
+    if not (for_load and (run.checkpoint.finetune or run.checkpoint.no_load_optim)):
+        sd["optimizer"] = objs.optimizer.sharded_state_dict(model_sd, is_loading=for_load)
+        sd["opt_param_scheduler"] = objs.scheduler.state_dict()
+    if not (for_load and (run.checkpoint.finetune or run.checkpoint.no_load_rng)):
+        sd["rng_state"] = _rng_sharded(rt)
+    sd["iteration"] = state.iteration
+    sd["consumed_samples"] = state.consumed_samples
+    return sd
+
+
+def save(run, rt, objs, state) -> str:
+    """Save iteration ``state.iteration`` with dist_checkpointing; publish atomically."""
+    from megatron.core import dist_checkpointing
+
+    final = ckpt.iteration_dir(run.checkpoint.save, state.iteration)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(run.checkpoint.save, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(run, rt, objs, state), tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ckpt._write_atomic_text(
+            os.path.join(run.checkpoint.save, ckpt.TRACKER), f"{state.iteration}\n"
+        )
+        if run.checkpoint.keep_last:
+            ckpt.prune_checkpoints(run.checkpoint.save, run.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def load(run, rt, objs, state) -> bool:
+    """Load the latest checkpoint of --load into ``objs``/``state``; False when there is none."""
+    from megatron.core import dist_checkpointing, tensor_parallel
+
+    iteration = ckpt.read_tracker(run.checkpoint.load)
+    if iteration is None:
+        return False
+    path = ckpt.iteration_dir(run.checkpoint.load, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--load: tracker names {path}, which does not exist")
+    if os.path.isdir(os.path.join(path, ckpt.ShardRank(rt.tp_rank, rt.pp_rank).shard_name)):
+        return _load_legacy(run, rt, objs, state, iteration)
+    loaded = dist_checkpointing.load(sharded_state(run, rt, objs, state, for_load=True), path)
+    for key, chunk in zip(_model_keys(len(objs.model)), objs.model):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if "optimizer" in loaded:
+        objs.optimizer.load_state_dict(loaded["optimizer"])
+        objs.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        rng = loaded["rng_state"]
+        ckpt.set_rng_state(rng)
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
+    if not run.checkpoint.finetune:
+        state.iteration = int(loaded["iteration"])
+        state.consumed_samples = int(loaded["consumed_samples"])
+    torch.cuda.synchronize()
+    return True
+
+
+def _load_legacy(run, rt, objs, state, iteration: int) -> bool:
+    """Weights (and, when resuming, progress) from the per-shard torch format of checkpoint.py.
+
+    This is the format of CPU runs and of converted Hugging Face checkpoints; its optimizer
+    state is torch AdamW's, so only ``--finetune`` or ``--no-load-optim`` can take it on CUDA.
+    """
+    if len(objs.model) > 1:
+        raise ValueError(
+            "--load: a per-shard (CPU-format) checkpoint cannot be loaded with virtual pipeline "
+            "stages; convert it with tools/convert_checkpoint.py first"
+        )
+    if not (run.checkpoint.finetune or run.checkpoint.no_load_optim):
+        raise ValueError(
+            "--load: this checkpoint was written by a CPU run (torch AdamW state); pass "
+            "--finetune or --no-load-optim to take its weights on CUDA"
+        )
+    shard = ckpt.load_checkpoint(
+        run.checkpoint.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank), iteration
+    )
+    module = objs.module[0]
+    missing, unexpected = module.load_state_dict(shard["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(
+            f"--load: checkpoint does not match the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); check the model shape flags"
+        )
+    if not run.checkpoint.finetune:
+        state.iteration = int(shard.get("iteration", 0))
+        state.consumed_samples = int(shard.get("consumed_samples", 0))
+    return True

@@ -260,5 +260,7 @@ def validate_run_config(run: RunConfig) -> None:
     _validate_batch(run)
     _validate_lengths(run)
     _validate_backend(run)
+    if not run.data.data_path:
+        _fail("--data-path is required (a Megatron .bin/.idx prefix, or weight/prefix pairs)")
     if run.data.tokenizer_type != "ByteTokenizer" and not run.data.tokenizer_model:
         _fail(f"--tokenizer-type={run.data.tokenizer_type} needs --tokenizer-model")

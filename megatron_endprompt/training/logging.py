@@ -54,9 +54,10 @@ class MetricsLogger:
     tensorboard_dir: str | None
     total_iters: int
     enabled: bool = True
+    start_iter: int = 0
+    """Iteration the run (re)started from: ETA counts only iterations done by this process."""
     _writer: object = field(default=None, init=False, repr=False)
     _t_start: float = field(default_factory=time.perf_counter, init=False)
-    _start_iter: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.enabled and self.tensorboard_dir:
@@ -77,14 +78,12 @@ class MetricsLogger:
         """
         if not self.enabled:
             return None
-        if self._start_iter is None:
-            self._start_iter = iteration - 1
         if self._writer is not None:
             for name, value in scalars.items():
                 self._writer.add_scalar(f"train/{name}", value, iteration)
             self._writer.flush()
         elapsed = time.perf_counter() - self._t_start
-        done = max(iteration - self._start_iter, 1)
+        done = max(iteration - self.start_iter, 1)
         eta = elapsed / done * (self.total_iters - iteration)
         parts = [f"iter {iteration:>6d}/{self.total_iters}"]
         for name, value in scalars.items():

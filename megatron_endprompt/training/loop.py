@@ -171,7 +171,9 @@ def train(run: RunConfig) -> TrainResult:
     )
     valid_iter = cycle_iterator(valid_ds, t.micro_batch_size, rt.dp_rank, rt.dp_size)
     step, evaluate = _step_fns(run, rt, objs, shape)
-    logger = MetricsLogger(run.logging.tensorboard_dir, run.train_iters, rt.is_logging_rank)
+    logger = MetricsLogger(
+        run.logging.tensorboard_dir, run.train_iters, rt.is_logging_rank, state.iteration
+    )
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
     meter = _Meter(t.global_batch_size * run.model.seq_length)
     losses, last_path, interrupted, valid_loss = [], None, False, None

@@ -1,0 +1,54 @@
+"""Console/TensorBoard metrics: ETA arithmetic, FLOP count, TensorBoard scalars."""
+
+import os
+
+import pytest
+
+from megatron_endprompt.training.logging import (
+    MetricsLogger,
+    format_duration,
+    model_flops_per_token,
+)
+
+
+def test_format_duration():
+    assert format_duration(3725) == "1h02m05s"
+    assert format_duration(65) == "1m05s"
+    assert format_duration(float("nan")) == "?"
+
+
+def test_eta_counts_iterations_since_start(monkeypatch, capsys):
+    clock = iter([100.0, 110.0])  # construction, then the log call 10 s later
+    monkeypatch.setattr(
+        "megatron_endprompt.training.logging.time.perf_counter", lambda: next(clock)
+    )
+    logger = MetricsLogger(None, total_iters=100, start_iter=50)
+    line = logger.log(60, {"loss": 2.5}, interval_s=10.0)
+    # 10 iterations in 10 s since resuming at 50 -> 40 left -> 40 s.
+    assert "eta 0m40s" in line and "elapsed 0m10s" in line and "loss 2.5" in line
+
+
+def test_flops_per_token_hand_worked():
+    # 1 layer, h=2, ffn=4, S=2, V=3, MHA, no SwiGLU:
+    # attn proj 2*h*h*(2+2) = 32, attn core 2*2*h*S/2 = 8, mlp 2*h*ffn*2 = 32, output 2*h*V = 12
+    assert model_flops_per_token(1, 2, 4, 2, 3, 1, 1, False) == pytest.approx(3 * (72 + 12))
+
+
+def test_tensorboard_scalars_written(tmp_path):
+    logger = MetricsLogger(str(tmp_path / "tb"), total_iters=2)
+    logger.log(1, {"loss": 1.0, "lr": 0.1}, interval_s=1.0)
+    logger.log_eval(1, 0.5)
+    logger.close()
+    files = os.listdir(tmp_path / "tb")
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "valid/loss", "valid/ppl"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("train/loss")[0].value == 1.0
+
+
+def test_disabled_logger_is_silent(capsys):
+    assert MetricsLogger(None, total_iters=1, enabled=False).log(1, {"loss": 1.0}, 1.0) is None
+    assert capsys.readouterr().out == ""

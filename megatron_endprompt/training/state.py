@@ -61,17 +61,7 @@ def build_training_objects(run: RunConfig, rt: Runtime) -> TrainingObjects:
         model = torch.nn.parallel.DistributedDataParallel(module, process_group=rt.dp_group)
     t = run.training
     optimizer = build_adamw(module, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
-    scheduler = build_scheduler(
-        optimizer,
-        t.lr,
-        t.min_lr,
-        t.weight_decay,
-        t.lr_warmup_iters,
-        t.lr_decay_iters or run.train_iters,
-        t.lr_decay_style,
-        t.global_batch_size,
-    )
-    return TrainingObjects(tokenizer, model, module, optimizer, scheduler)
+    return TrainingObjects(tokenizer, model, module, optimizer, _scheduler(run, optimizer))
 
 
 def _build_megatron_objects(run: RunConfig, rt: Runtime, tokenizer) -> TrainingObjects:
@@ -82,8 +72,13 @@ def _build_megatron_objects(run: RunConfig, rt: Runtime, tokenizer) -> TrainingO
 
     chunks = build_model_chunks(run)
     wrapped, optimizer = build_megatron_training(run, rt, chunks)
+    return TrainingObjects(tokenizer, wrapped, chunks, optimizer, _scheduler(run, optimizer))
+
+
+def _scheduler(run: RunConfig, optimizer):
+    """megatron-core's LR/WD schedule for the run, counted in samples."""
     t = run.training
-    scheduler = build_scheduler(
+    return build_scheduler(
         optimizer,
         t.lr,
         t.min_lr,
@@ -93,7 +88,6 @@ def _build_megatron_objects(run: RunConfig, rt: Runtime, tokenizer) -> TrainingO
         t.lr_decay_style,
         t.global_batch_size,
     )
-    return TrainingObjects(tokenizer, wrapped, chunks, optimizer, scheduler)
 
 
 def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> dict[str, Any]:

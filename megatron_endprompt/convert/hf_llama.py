@@ -212,7 +212,7 @@ def hf_config_from_model_config(
     return config
 
 
-def _norm_keys(model_config: ModelConfig, prefix: str) -> tuple[str, str]:
+def norm_keys(model_config: ModelConfig, prefix: str) -> tuple[str, str]:
     """(pre-attention, pre-MLP) norm weight names of one layer for the model's spec."""
     if model_config.transformer_impl == "te":
         return (
@@ -295,7 +295,7 @@ def hf_to_megatron_state_dict(
             [hf_sd[f"{hf}mlp.gate_proj.weight"], hf_sd[f"{hf}mlp.up_proj.weight"]], dim=0
         )
         sd[f"{mg}mlp.linear_fc2.weight"] = hf_sd[f"{hf}mlp.down_proj.weight"]
-        attn_norm, mlp_norm = _norm_keys(m, mg)
+        attn_norm, mlp_norm = norm_keys(m, mg)
         sd[attn_norm] = hf_sd[f"{hf}input_layernorm.weight"]
         sd[mlp_norm] = hf_sd[f"{hf}post_attention_layernorm.weight"]
     sd["decoder.final_layernorm.weight"] = hf_sd["model.norm.weight"]
@@ -333,7 +333,7 @@ def megatron_to_hf_state_dict(
         hf[f"{h}mlp.gate_proj.weight"] = gate
         hf[f"{h}mlp.up_proj.weight"] = up
         hf[f"{h}mlp.down_proj.weight"] = sd[f"{mg}mlp.linear_fc2.weight"]
-        attn_norm, mlp_norm = _norm_keys(m, mg)
+        attn_norm, mlp_norm = norm_keys(m, mg)
         hf[f"{h}input_layernorm.weight"] = sd[attn_norm]
         hf[f"{h}post_attention_layernorm.weight"] = sd[mlp_norm]
     hf["model.norm.weight"] = sd["decoder.final_layernorm.weight"]

@@ -119,7 +119,7 @@ def _load_legacy(run, rt, objs, state, iteration: int) -> bool:
     if len(objs.model) > 1:
         raise ValueError(
             "--load: a per-shard (CPU-format) checkpoint cannot be loaded with virtual pipeline "
-            "stages; convert it with tools/convert_checkpoint.py first"
+            "stages; train without --num-layers-per-virtual-pipeline-stage"
         )
     if not (run.checkpoint.finetune or run.checkpoint.no_load_optim):
         raise ValueError(

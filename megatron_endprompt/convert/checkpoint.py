@@ -1,0 +1,422 @@
+"""Stream whole checkpoints between a Hugging Face Llama directory and our Megatron layout.
+
+Megatron side (the CPU checkpoint format of :mod:`megatron_endprompt.training.checkpoint`)::
+
+    OUT/latest_checkpointed_iteration.txt          "0"
+    OUT/model_config.json                          ModelConfig as JSON (rope_scaling included)
+    OUT/iter_0000000/mp_rank_TT_PPP/model_optim_rng.pt
+        {"model": that rank's state dict, "iteration": 0, "consumed_samples": 0,
+         "format": "megatron_endprompt/v1", "model_config": {...}}
+
+megatron-core numbers decoder layers locally per pipeline stage (``decoder.layers.0`` is the first
+layer of every stage), so stage p holds global layers ``p * n/PP .. (p+1) * n/PP - 1``. With tied
+embeddings and PP > 1 the last stage holds its own ``output_layer.weight`` (= the embedding).
+
+Memory bound: tensors are read lazily (``safetensors.safe_open`` for Hugging Face, ``torch.load``
+with ``mmap=True`` for Megatron shards) and converted one layer at a time. Import holds one output
+shard (one TP rank of one stage) plus the copies made while converting one layer; export holds one
+output file (at most ``max_shard_size``; safetensors serialises it in memory, so twice that while
+writing) plus one gathered layer. The largest per-tensor transient is about three copies of the
+embedding (2.1 GB each for Llama-3-70B in bf16). Measured on a 640 MB float32 model: about 0.5 GB
+of anonymous memory above the interpreter's for import (PP = 2, 320 MB shards) and for export
+(200 MB files); the mmapped inputs are reclaimable page cache. Outputs go to a temporary sibling
+directory renamed into place only on success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from megatron_endprompt.config import PARAMS_DTYPES, ModelConfig, ParallelConfig, RopeScalingConfig
+from megatron_endprompt.convert.hf_llama import (
+    fuse_qkv,
+    hf_config_from_model_config,
+    model_config_from_hf,
+    norm_keys,
+    shard_for_tensor_parallel,
+    split_qkv,
+)
+from megatron_endprompt.convert.safetensors_io import (
+    SafetensorsReader,
+    SafetensorsWriter,
+    parse_size,
+    write_json,
+)
+from megatron_endprompt.convert.shapes import (
+    check_shapes,
+    hf_shapes,
+    megatron_shard_shapes,
+    merge_tensor_parallel,
+)
+from megatron_endprompt.training.checkpoint import TRACKER, iteration_dir, read_tracker
+
+FORMAT = "megatron_endprompt/v1"
+MODEL_CONFIG_JSON = "model_config.json"
+SHARD_FILE = "model_optim_rng.pt"
+_SHARD_DIR_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_TOKENIZER_RE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
+    r"chat_template\.(jinja|json)|.*\.model)$"
+)
+
+
+def model_config_from_dict(fields: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from ``dataclasses.asdict`` output (unknown keys are ignored)."""
+
+    def known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
+
+    kwargs = known(ModelConfig, fields)
+    if isinstance(kwargs.get("rope_scaling"), Mapping):
+        kwargs["rope_scaling"] = RopeScalingConfig(
+            **known(RopeScalingConfig, kwargs["rope_scaling"])
+        )
+    return ModelConfig(**kwargs)
+
+
+def _check_output(output_dir: str, force: bool, input_dir: str | None = None) -> None:
+    if input_dir is not None:
+        out, src = os.path.realpath(output_dir), os.path.realpath(input_dir)
+        if os.path.commonpath([out, src]) == out:
+            raise ValueError(f"--output={output_dir}: is or contains --input={input_dir}")
+    if os.path.lexists(output_dir) and not force:
+        raise ValueError(f"--output={output_dir}: already exists (pass --force to overwrite it)")
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str, force: bool) -> Iterator[str]:
+    """Yield a temporary directory that replaces ``output_dir`` only if the block succeeds."""
+    _check_output(output_dir, force)
+    output_dir = os.path.abspath(output_dir)
+    tmp, old = f"{output_dir}.tmp-{os.getpid()}", f"{output_dir}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.lexists(output_dir):
+        os.replace(output_dir, old)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Hugging Face -> Megatron
+
+
+def _hf_layer_to_megatron(
+    reader: SafetensorsReader, m: ModelConfig, global_i: int, local_i: int
+) -> dict[str, torch.Tensor]:
+    """One layer's megatron (TP = 1) tensors, keyed with its stage-local index."""
+    hf, mg = f"model.layers.{global_i}.", f"decoder.layers.{local_i}."
+    qkv = [reader.get(f"{hf}self_attn.{n}_proj.weight") for n in "qkv"]
+    gate_up = [reader.get(f"{hf}mlp.{n}_proj.weight") for n in ("gate", "up")]
+    attn_norm, mlp_norm = norm_keys(m, mg)
+    return {
+        f"{mg}self_attention.linear_qkv.weight": fuse_qkv(*qkv, m.num_query_groups),
+        f"{mg}self_attention.linear_proj.weight": reader.get(f"{hf}self_attn.o_proj.weight"),
+        f"{mg}mlp.linear_fc1.weight": torch.cat(gate_up, dim=0),
+        f"{mg}mlp.linear_fc2.weight": reader.get(f"{hf}mlp.down_proj.weight"),
+        attn_norm: reader.get(f"{hf}input_layernorm.weight"),
+        mlp_norm: reader.get(f"{hf}post_attention_layernorm.weight"),
+    }
+
+
+def _megatron_shard(
+    reader: SafetensorsReader, m: ModelConfig, tp: tuple[int, int], pp: tuple[int, int], bar: tqdm
+) -> dict[str, torch.Tensor]:
+    """The state dict of TP rank ``tp[1]`` of ``tp[0]``, stage ``pp[1]`` of ``pp[0]``."""
+    (tp_size, tp_rank), (pp_size, pp_rank) = tp, pp
+
+    def shard(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return shard_for_tensor_parallel(sd, m, tp_size, tp_rank)
+
+    out: dict[str, torch.Tensor] = {}
+    if pp_rank == 0:
+        out |= shard({"embedding.word_embeddings.weight": reader.get("model.embed_tokens.weight")})
+    per_stage = m.num_layers // pp_size
+    for local_i in range(per_stage):
+        out |= shard(_hf_layer_to_megatron(reader, m, pp_rank * per_stage + local_i, local_i))
+        bar.update(1)
+    if pp_rank == pp_size - 1:
+        out["decoder.final_layernorm.weight"] = reader.get("model.norm.weight")
+        if m.untie_embeddings_and_output_weights:
+            out |= shard({"output_layer.weight": reader.get("lm_head.weight")})
+        elif pp_size > 1:  # megatron's last stage keeps its own copy of the tied embedding
+            out |= shard({"output_layer.weight": reader.get("model.embed_tokens.weight")})
+    return out
+
+
+def _hf_model_config(input_dir: str, seq_length: int | None, **overrides: Any) -> ModelConfig:
+    path = os.path.join(input_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input={input_dir}: no config.json (not a Hugging Face model)")
+    with open(path, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if dtype in PARAMS_DTYPES:
+        overrides.setdefault("params_dtype", dtype)
+    try:
+        return model_config_from_hf(hf_config, seq_length, **overrides)
+    except (TypeError, KeyError) as err:  # missing or null fields in config.json
+        raise ValueError(f"--input: {path} is not a Llama/Mistral config: {err!r}") from err
+
+
+def convert_hf_to_megatron(
+    input_dir: str,
+    output_dir: str,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seq_length: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> ModelConfig:
+    """Write a Hugging Face Llama/Mistral directory as our Megatron checkpoint (iteration 0).
+
+    Args:
+        input_dir: Directory with ``config.json`` and ``*.safetensors`` (sharded or single).
+        output_dir: Checkpoint directory to create (``--load`` it with ``--finetune``).
+        tensor_model_parallel_size: TP size of the output shards.
+        pipeline_model_parallel_size: PP size of the output shards.
+        seq_length: Training sequence length recorded in the model config (None: see
+            :func:`model_config_from_hf`).
+        force: Replace an existing ``output_dir``.
+        progress: Show a progress bar on stderr.
+        **overrides: ModelConfig fields (``transformer_impl``, ``rope_scaling``, ...).
+
+    Returns:
+        The model config written to ``model_config.json``.
+
+    Raises:
+        ValueError / FileNotFoundError: Naming the flag, file or tensor at fault; nothing is
+            left at ``output_dir`` then.
+    """
+    _check_output(output_dir, force, input_dir)
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"--input={input_dir}: no such directory")
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    m = _hf_model_config(input_dir, seq_length, **overrides)
+    m.validate_against(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    )
+    reader = SafetensorsReader(input_dir)
+    found = {k: s for k, s in reader.shapes().items() if not k.endswith("rotary_emb.inv_freq")}
+    if not m.untie_embeddings_and_output_weights:
+        found.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    check_shapes(found, hf_shapes(m), f"--input={input_dir}")
+    config = m.to_dict()
+    bar = tqdm(total=m.num_layers * tp, unit="layer", disable=not progress, dynamic_ncols=True)
+    with bar, staged_output(output_dir, force) as tmp:
+        for pp_rank in range(pp):
+            expected = megatron_shard_shapes(m, tp, pp, pp_rank)
+            for tp_rank in range(tp):
+                name = f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+                bar.set_description(name)
+                sd = _megatron_shard(reader, m, (tp, tp_rank), (pp, pp_rank), bar)
+                check_shapes({k: v.shape for k, v in sd.items()}, expected, name)
+                os.makedirs(os.path.join(iteration_dir(tmp, 0), name))
+                state = {"model": sd, "iteration": 0, "consumed_samples": 0, "format": FORMAT,
+                         "model_config": config}  # fmt: skip
+                torch.save(state, os.path.join(iteration_dir(tmp, 0), name, SHARD_FILE))
+                del sd, state
+        write_json(os.path.join(tmp, MODEL_CONFIG_JSON), config)
+        with open(os.path.join(tmp, TRACKER), "w", encoding="utf-8") as f:
+            f.write("0\n")
+    return m
+
+
+# ---------------------------------------------------------------- Megatron -> Hugging Face
+
+
+def _find_shards(load_dir: str) -> dict[tuple[int, int], str]:
+    """(tp_rank, pp_rank) -> shard file of the tracker's iteration; the grid must be complete."""
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"--input={load_dir}: no such directory")
+    iteration = read_tracker(load_dir)
+    if iteration is None:
+        raise FileNotFoundError(f"--input={load_dir}: no {TRACKER} (not a Megatron checkpoint)")
+    base = iteration_dir(load_dir, iteration)
+    if iteration == 0 and not os.path.isdir(base):
+        base = os.path.join(load_dir, "release")
+    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    matches = [(_SHARD_DIR_RE.match(n), n) for n in names]
+    shards = {
+        (int(m[1]), int(m[2] or 0)): os.path.join(base, n, SHARD_FILE) for m, n in matches if m
+    }
+    if not shards:
+        raise FileNotFoundError(
+            f"--input: {base} holds no mp_rank_TT_PPP shards (a dist_checkpointing checkpoint "
+            "saved on CUDA must be converted to this format first)"
+        )
+    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
+    for key in ((t, p) for p in range(pp) for t in range(tp)):
+        if not os.path.isfile(shards.get(key, "")):
+            raise FileNotFoundError(
+                f"--input: shard {key} of TP={tp} x PP={pp} is missing in {base}"
+            )
+    return shards
+
+
+def _load_shard(path: str) -> dict[str, Any]:
+    try:  # mmap: tensors stay on disk until read; training shards also hold optimizer states
+        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"--input: cannot read checkpoint shard {path}: {err}") from err
+    if not isinstance(shard, Mapping) or not isinstance(shard.get("model"), Mapping):
+        raise ValueError(f"--input: {path} has no 'model' state dict")
+    return shard
+
+
+def checkpoint_model_config(load_dir: str, shard: Mapping[str, Any]) -> tuple[ModelConfig, int]:
+    """(model config, target length) of a checkpoint.
+
+    Order: the shard's ``run_config`` (training checkpoints; the target length is its
+    ``endprompt.target_length``), the shard's ``model_config`` (converted checkpoints), then
+    ``model_config.json`` beside the tracker. The target length defaults to
+    ``max_position_embeddings``.
+    """
+    run = shard.get("run_config")
+    if isinstance(run, Mapping) and isinstance(run.get("model"), Mapping):
+        m = model_config_from_dict(run["model"])
+        return m, (run.get("endprompt") or {}).get("target_length") or m.max_position_embeddings
+    if isinstance(shard.get("model_config"), Mapping):
+        m = model_config_from_dict(shard["model_config"])
+        return m, m.max_position_embeddings
+    path = os.path.join(load_dir, MODEL_CONFIG_JSON)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--input={load_dir}: no model config (neither run_config/model_config in the shard "
+            f"nor {MODEL_CONFIG_JSON})"
+        )
+    with open(path, encoding="utf-8") as f:
+        m = model_config_from_dict(json.load(f))
+    return m, m.max_position_embeddings
+
+
+def _megatron_layer_to_hf(
+    sd: Mapping[str, torch.Tensor], m: ModelConfig, local_i: int, global_i: int
+) -> dict[str, torch.Tensor]:
+    """One merged (TP = 1) megatron layer as Hugging Face tensors of global layer ``global_i``."""
+    mg, hf = f"decoder.layers.{local_i}.", f"model.layers.{global_i}."
+    q, k, v = split_qkv(
+        sd[f"{mg}self_attention.linear_qkv.weight"], m.num_attention_heads, m.num_query_groups
+    )
+    gate, up = torch.chunk(sd[f"{mg}mlp.linear_fc1.weight"], 2, dim=0)
+    attn_norm, mlp_norm = norm_keys(m, mg)
+    out = {
+        "self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v,
+        "self_attn.o_proj": sd[f"{mg}self_attention.linear_proj.weight"],
+        "mlp.gate_proj": gate, "mlp.up_proj": up, "mlp.down_proj": sd[f"{mg}mlp.linear_fc2.weight"],
+        "input_layernorm": sd[attn_norm], "post_attention_layernorm": sd[mlp_norm],
+    }  # fmt: skip
+    return {f"{hf}{name}.weight": t for name, t in out.items()}
+
+
+def _tokenizer_files(tokenizer_dir: str) -> list[str]:
+    """Paths of the tokenizer files (tokenizer*, special_tokens_map.json, *.model, ...) of a dir."""
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"--tokenizer-dir={tokenizer_dir}: no such directory")
+    names = [n for n in sorted(os.listdir(tokenizer_dir)) if _TOKENIZER_RE.match(n)]
+    if not names:
+        raise FileNotFoundError(f"--tokenizer-dir={tokenizer_dir}: no tokenizer files in it")
+    return [os.path.join(tokenizer_dir, n) for n in names]
+
+
+def _export_tensors(
+    shards: Mapping[tuple[int, int], Mapping[str, Any]],
+    m: ModelConfig,
+    writer: SafetensorsWriter,
+    progress: bool,
+) -> None:
+    """Gather every layer over its TP slices and append it, in Hugging Face order, to ``writer``."""
+    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
+    per_stage = m.num_layers // pp
+
+    def merged(pp_rank: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        parts = [{k: shards[t, pp_rank]["model"][k] for k in keys} for t in range(tp)]
+        return merge_tensor_parallel(parts, m)
+
+    embed = merged(0, ["embedding.word_embeddings.weight"])["embedding.word_embeddings.weight"]
+    writer.add("model.embed_tokens.weight", embed[: m.vocab_size])
+    del embed
+    for global_i in tqdm(range(m.num_layers), unit="layer", disable=not progress):
+        pp_rank, local_i = divmod(global_i, per_stage)
+        prefix = f"decoder.layers.{local_i}."
+        keys = [k for k in shards[0, pp_rank]["model"] if k.startswith(prefix)]
+        layer = _megatron_layer_to_hf(merged(pp_rank, keys), m, local_i, global_i)
+        for name, tensor in layer.items():
+            writer.add(name, tensor)
+    writer.add("model.norm.weight", shards[0, pp - 1]["model"]["decoder.final_layernorm.weight"])
+    if m.untie_embeddings_and_output_weights:
+        out = merged(pp - 1, ["output_layer.weight"])["output_layer.weight"]
+        writer.add("lm_head.weight", out[: m.vocab_size])
+
+
+def convert_megatron_to_hf(
+    input_dir: str,
+    output_dir: str,
+    target_length: int | None = None,
+    max_shard_size: str | int = "5GB",
+    tokenizer_dir: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write our Megatron checkpoint (any TP/PP) as a Hugging Face Llama directory.
+
+    Args:
+        input_dir: Checkpoint directory (``--save`` of training or ``hf-to-megatron`` output).
+        output_dir: Directory to create: ``config.json`` and ``model.safetensors`` (or
+            ``model-0000i-of-0000n.safetensors`` + index above ``max_shard_size``).
+        target_length: ``max_position_embeddings`` of the export (the extended window L); None
+            takes the run's target length, else the model's ``max_position_embeddings``.
+        max_shard_size: Largest output file, e.g. ``"5GB"``.
+        tokenizer_dir: Directory whose tokenizer files are copied alongside.
+        force: Replace an existing ``output_dir``.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        The ``config.json`` written (rope_theta and rope_scaling from the model config).
+
+    Raises:
+        ValueError / FileNotFoundError: Naming the flag, file or tensor at fault; nothing is
+            left at ``output_dir`` then.
+    """
+    _check_output(output_dir, force, input_dir)
+    max_bytes = parse_size(str(max_shard_size))
+    if target_length is not None and target_length < 1:
+        raise ValueError(f"--target-length={target_length}: must be a positive integer")
+    tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
+    paths = _find_shards(input_dir)
+    shards = {key: _load_shard(path) for key, path in paths.items()}
+    m, default_length = checkpoint_model_config(input_dir, shards[0, 0])
+    te_keys = any(k.endswith("layer_norm_weight") for k in shards[0, 0]["model"])
+    m = dataclasses.replace(m, transformer_impl="te" if te_keys else "local")  # as saved
+    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
+    m.validate_against(
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    )
+    for (t, p), shard in shards.items():
+        found = {k: tuple(v.shape) for k, v in shard["model"].items()
+                 if v is not None and not k.endswith("_extra_state")}  # fmt: skip
+        check_shapes(found, megatron_shard_shapes(m, tp, pp, p), paths[t, p])
+    hf_config = hf_config_from_model_config(m, target_length or default_length)
+    with staged_output(output_dir, force) as tmp:
+        writer = SafetensorsWriter(tmp, max_bytes)
+        _export_tensors(shards, m, writer, progress)
+        writer.close()
+        write_json(os.path.join(tmp, "config.json"), hf_config)
+        for path in tokenizer_files:
+            shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+    return hf_config

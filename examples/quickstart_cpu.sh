@@ -6,6 +6,9 @@
 #   3. JSONL -> .bin/.idx         tools/preprocess_data.py
 #   4. pretrain the tiny preset at S = 256 (contiguous positions, plain RoPE)
 #   5. extend it with EndPrompt: PI factor 8, target L = 2048, physical S = 256
+#   6. long-context report: the base model, the base model with PI only (no training) and the
+#      EndPrompt-extended model at 1x, 2x, 4x and 8x the base context (passkey retrieval and
+#      perplexity by position), one table plus PNG plots
 #
 #   bash examples/quickstart_cpu.sh            # the full run (minutes on 2 cores)
 #   bash examples/quickstart_cpu.sh --smoke    # under a minute: the tests run this
@@ -26,19 +29,21 @@ T0=$(date +%s)
 
 if [[ "$MODE" == smoke ]]; then
     MAX_DOCS=150; VOCAB=1024; PRETRAIN_ITERS=6; EXTEND_ITERS=4; LOG_INTERVAL=2; MAX_DOC_BYTES=40000
+    EVAL_LENGTHS=256,2048; EVAL_DEPTHS=0.5; EVAL_TRIALS=1; PPL_WINDOWS=1
 else
     MAX_DOCS=1200; VOCAB=4096; PRETRAIN_ITERS=300; EXTEND_ITERS=100; LOG_INTERVAL=25; MAX_DOC_BYTES=200000
+    EVAL_LENGTHS=256,512,1024,2048; EVAL_DEPTHS=0,0.25,0.5,0.75,1; EVAL_TRIALS=2; PPL_WINDOWS=4
 fi
 
-echo "== [1/5] embedded corpus -> $OUT/corpus.jsonl"
+echo "== [1/6] embedded corpus -> $OUT/corpus.jsonl"
 "$PYTHON" tools/prepare_corpus.py --output "$OUT/corpus.jsonl" --max-docs "$MAX_DOCS" \
     --max-bytes-per-doc "$MAX_DOC_BYTES"
 
-echo "== [2/5] SentencePiece BPE tokenizer (vocab $VOCAB)"
+echo "== [2/6] SentencePiece BPE tokenizer (vocab $VOCAB)"
 "$PYTHON" tools/train_tokenizer.py --input "$OUT/corpus.jsonl" --vocab-size "$VOCAB" \
     --output-prefix "$OUT/tokenizer"
 
-echo "== [3/5] preprocess -> Megatron indexed dataset"
+echo "== [3/6] preprocess -> Megatron indexed dataset"
 "$PYTHON" tools/preprocess_data.py --input "$OUT/corpus.jsonl" --output-prefix "$OUT/stdlib" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
     --append-eod --workers 2 --log-interval 500
@@ -59,7 +64,7 @@ COMMON_ARGS=(
     --seed 1234
 )
 
-echo "== [4/5] pretrain tiny at S = 256 (contiguous positions)"
+echo "== [4/6] pretrain tiny at S = 256 (contiguous positions)"
 rm -rf "$OUT/ckpt_base" "$OUT/ckpt_endprompt"
 "$PYTHON" -m megatron_endprompt.train "${COMMON_ARGS[@]}" \
     --max-position-embeddings 256 --position-mode contiguous \
@@ -67,7 +72,7 @@ rm -rf "$OUT/ckpt_base" "$OUT/ckpt_endprompt"
     --lr-decay-style cosine --save "$OUT/ckpt_base" --tensorboard-dir "$OUT/tb/base" \
     | tee "$OUT/pretrain.log"
 
-echo "== [5/5] extend to L = 2048 with EndPrompt (PI x8, physical S = 256)"
+echo "== [5/6] extend to L = 2048 with EndPrompt (PI x8, physical S = 256)"
 "$PYTHON" -m megatron_endprompt.train "${COMMON_ARGS[@]}" \
     --max-position-embeddings 2048 --target-length 2048 \
     --rope-scaling-type linear --rope-scaling-factor 8 \
@@ -77,10 +82,30 @@ echo "== [5/5] extend to L = 2048 with EndPrompt (PI x8, physical S = 256)"
     --save "$OUT/ckpt_endprompt" --tensorboard-dir "$OUT/tb/endprompt" \
     | tee "$OUT/extend.log"
 
+echo "== [6/6] long-context report at 1x-8x the base context"
+rm -rf "$OUT/eval"
+EVAL_ARGS=(
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model"
+    --tasks passkey,perplexity --lengths "$EVAL_LENGTHS" --depths "$EVAL_DEPTHS"
+    --trials "$EVAL_TRIALS" --ppl-data "$OUT/stdlib_text_document" --ppl-from-end
+    --ppl-length 2048 --ppl-max-windows "$PPL_WINDOWS" --seed 0 --device cpu --no-progress
+)
+"$PYTHON" tools/evaluate.py --load "$OUT/ckpt_base" --max-position-embeddings 2048 \
+    "${EVAL_ARGS[@]}" --output "$OUT/eval/base" --name "base (S=256)" > "$OUT/eval_base.log"
+"$PYTHON" tools/evaluate.py --load "$OUT/ckpt_base" --max-position-embeddings 2048 \
+    --rope-scaling-type linear --rope-scaling-factor 8 \
+    "${EVAL_ARGS[@]}" --output "$OUT/eval/pi_only" --name "PI x8, no training" > "$OUT/eval_pi.log"
+"$PYTHON" tools/evaluate.py --load "$OUT/ckpt_endprompt" \
+    "${EVAL_ARGS[@]}" --output "$OUT/eval/endprompt" --name "EndPrompt (L=2048)" > "$OUT/eval_ep.log"
+"$PYTHON" tools/evaluate.py compare "$OUT/eval/base" "$OUT/eval/pi_only" "$OUT/eval/endprompt" \
+    --output "$OUT/eval/compare"
+
 summary() { grep '^TRAIN_SUMMARY' "$1" | sed 's/^TRAIN_SUMMARY //'; }
 echo
 echo "== quickstart done in $(( $(date +%s) - T0 ))s"
 echo "pretrain (S=256, contiguous):   $(summary "$OUT/pretrain.log")"
 echo "EndPrompt extension (L=2048):   $(summary "$OUT/extend.log")"
+echo "long-context report: $OUT/eval/compare (compare.md, compare_perplexity.png;"
+echo "  per model: report.md, passkey_heatmap.png, perplexity_by_position.png)"
 echo "checkpoints: $OUT/ckpt_base  $OUT/ckpt_endprompt"
 echo "TensorBoard: tensorboard --logdir $OUT/tb"

@@ -96,7 +96,7 @@ EVAL_ARGS=(
     --rope-scaling-type linear --rope-scaling-factor 8 \
     "${EVAL_ARGS[@]}" --output "$OUT/eval/pi_only" --name "PI x8, no training" > "$OUT/eval_pi.log"
 "$PYTHON" tools/evaluate.py --load "$OUT/ckpt_endprompt" \
-    "${EVAL_ARGS[@]}" --output "$OUT/eval/endprompt" --name "EndPrompt (L=2048)" > "$OUT/eval_ep.log"
+    "${EVAL_ARGS[@]}" --output "$OUT/eval/endprompt" --name "EndPrompt, PI x8" > "$OUT/eval_ep.log"
 "$PYTHON" tools/evaluate.py compare "$OUT/eval/base" "$OUT/eval/pi_only" "$OUT/eval/endprompt" \
     --output "$OUT/eval/compare"
 

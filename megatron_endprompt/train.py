@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         teardown_runtime()
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if result.reporting:  # the last pipeline stage holds the loss
         summary = {
             "iterations": result.iterations,
             "consumed_samples": result.consumed_samples,

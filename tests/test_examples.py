@@ -52,7 +52,7 @@ def test_quickstart_smoke(tmp_path):
     assert "quickstart done" in out
     assert out.count("TRAIN_SUMMARY") == 2
     # The long-context table: one row per model, passkey and perplexity columns.
-    for row in ("| base (S=256) |", "| PI x8, no training |", "| EndPrompt (L=2048) |"):
+    for row in ("| base (S=256) |", "| PI x8, no training |", "| EndPrompt, PI x8 |"):
         assert row in out
     compare = tmp_path / "qs_smoke" / "eval" / "compare"
     assert (compare / "compare.md").is_file() and (compare / "compare_perplexity.png").is_file()

@@ -40,6 +40,8 @@ class TrainResult:
     tokens_per_s: float
     checkpoint: str | None
     interrupted: bool
+    reporting: bool = True
+    """True on the rank that sees the loss (last pipeline stage, TP/DP/CP rank 0)."""
 
 
 def _flops_per_token(run: RunConfig) -> float:
@@ -217,4 +219,5 @@ def train(run: RunConfig) -> TrainResult:
         tokens_per_s=meter.overall(),
         checkpoint=last_path,
         interrupted=interrupted,
+        reporting=rt.is_logging_rank,
     )

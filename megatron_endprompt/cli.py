@@ -13,14 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_endprompt.cli_utils import Flag, add_dataclass_args, dataclass_from_args
-from megatron_endprompt.config import (
+from megatron_endprompt.config import ModelConfig, ParallelConfig, RopeScalingConfig
+from megatron_endprompt.run_config import (
     CheckpointConfig,
     DataConfig,
     EndPromptConfig,
     LoggingConfig,
-    ModelConfig,
-    ParallelConfig,
-    RopeScalingConfig,
     TrainingConfig,
 )
 

@@ -14,9 +14,11 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -137,3 +139,22 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None, *
 def given_flags(args: argparse.Namespace, cls: type) -> set[str]:
     """Names of ``cls``'s fields that were set explicitly on the command line."""
     return {f.name for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def run_tool(action: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command-line tool's work; map failures to one ``error:`` line and an exit status.
+
+    Returns 0 after printing the result's ``summary()``; 2 on a user error (``ValueError``,
+    ``OSError`` and ``errors``), with no traceback; 130 when interrupted (outputs are written
+    atomically, so nothing partial is left).
+    """
+    try:
+        result = action()
+    except (ValueError, OSError, *errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output written", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return 0

@@ -23,6 +23,7 @@ import warnings
 # megatron-core warns on import that its optional fused kernels are missing; none are used here.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+from megatron_endprompt.cli_utils import run_tool  # noqa: E402
 from megatron_endprompt.data.passkey_corpus import write_passkey_corpus  # noqa: E402
 from megatron_endprompt.data.tokenizers import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
@@ -54,30 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Write the corpus; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        if not 1 <= args.digits <= 5:
-            raise ValueError(f"--digits must be in [1, 5], got {args.digits}")
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        stats = write_passkey_corpus(
-            args.output_prefix,
-            tokenizer,
-            args.num_docs,
-            args.doc_tokens,
-            args.seed,
-            digits=args.digits,
-            min_depth=args.min_depth,
-            max_depth=args.max_depth,
-            append_eod=args.append_eod,
-            min_episode_tokens=args.min_episode_tokens,
-        )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
-    print(stats.summary())
-    return 0
+    return run_tool(lambda: _write(args))
+
+
+def _write(args):
+    if not 1 <= args.digits <= 5:
+        raise ValueError(f"--digits must be in [1, 5], got {args.digits}")
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    return write_passkey_corpus(
+        args.output_prefix,
+        tokenizer,
+        args.num_docs,
+        args.doc_tokens,
+        args.seed,
+        digits=args.digits,
+        min_depth=args.min_depth,
+        max_depth=args.max_depth,
+        append_eod=args.append_eod,
+        min_episode_tokens=args.min_episode_tokens,
+    )
 
 
 if __name__ == "__main__":

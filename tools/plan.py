@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Validate a training configuration for a given world size and print the plan (dry run).
 
-    python tools/plan.py --world-size 16 --model-preset llama3-8b --seq-length 8192 ...
+python tools/plan.py --world-size 16 --model-preset llama3-8b --seq-length 8192 ...
 """
 
 import sys

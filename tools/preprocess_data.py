@@ -19,6 +19,7 @@ import warnings
 # none of them.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+from megatron_endprompt.cli_utils import run_tool  # noqa: E402
 from megatron_endprompt.data.preprocess import preprocess_jsonl  # noqa: E402
 from megatron_endprompt.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
@@ -69,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run preprocessing; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        stats = preprocess_jsonl(
+    return run_tool(
+        lambda: preprocess_jsonl(
             args.input,
             args.output_prefix,
             args.tokenizer_type,
@@ -83,14 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk_size=args.chunk_size,
             progress=not args.no_progress,
         )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
-    print(stats.summary())
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from megatron_endprompt.convert.checkpoint import convert_hf_to_megatron
 from megatron_endprompt.training.loop import train
 
 
-def test_finetune_from_converted_hf_checkpoint(tmp_path):
+def _converted_hf_model(tmp_path):
+    """A tiny random HF Llama (byte vocabulary) saved under hf/ and converted to mg/."""
     torch.manual_seed(0)
     hf = LlamaForCausalLM(
         LlamaConfig(
@@ -28,6 +29,11 @@ def test_finetune_from_converted_hf_checkpoint(tmp_path):
     convert_hf_to_megatron(
         str(tmp_path / "hf"), str(tmp_path / "mg"), progress=False, make_vocab_size_divisible_by=1
     )
+    return hf
+
+
+def test_finetune_from_converted_hf_checkpoint(tmp_path):
+    hf = _converted_hf_model(tmp_path)
     data = make_corpus(str(tmp_path))
     flags = train_flags(
         data,
@@ -49,22 +55,7 @@ def test_finetune_from_converted_hf_checkpoint(tmp_path):
 
 
 def test_load_refuses_disagreeing_model_flags(tmp_path):
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=259,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-        )
-    )
-    hf.save_pretrained(tmp_path / "hf")
-    convert_hf_to_megatron(
-        str(tmp_path / "hf"), str(tmp_path / "mg"), progress=False, make_vocab_size_divisible_by=1
-    )
+    _converted_hf_model(tmp_path)
     data = make_corpus(str(tmp_path))
     flags = train_flags(data, str(tmp_path / "cache"), "--train-iters", "1")
     with pytest.raises(ValueError, match="--norm-epsilon: checkpoint 1e-06, run 1e-05"):

@@ -174,9 +174,10 @@ def plot_passkey_heatmap(result: PasskeyResult, path: str | os.PathLike) -> str:
     width = max(5.0, 1.5 + 0.9 * len(result.lengths))
     fig = Figure(figsize=(width, max(3.0, 1.0 + 0.5 * len(result.depths))))
     ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    percent = 100.0 * grid  # cells, colour scale and title all in percent
+    image = ax.imshow(percent, cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(percent):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths])
     ax.set_yticks(range(len(result.depths)), [f"{d:g}" for d in result.depths])
     ax.set_xlabel("context length (tokens)")

@@ -1,8 +1,8 @@
 """Package definition for megatron_endprompt.
 
-torch is required but deliberately left unpinned-below-a-ceiling: clusters bring their own
-(NGC containers); on a CPU machine `scripts/setup.sh` installs the CPU build only when torch is
-missing, so pip never replaces an existing torch with a multi-GB CUDA wheel.
+torch is required with a floor only: clusters bring their own (NGC containers). On a CPU machine
+`scripts/setup.sh` installs the pinned CPU build only when torch is missing, so pip never replaces
+an existing torch with a multi-GB CUDA wheel.
 """
 
 from setuptools import find_packages, setup
@@ -24,10 +24,13 @@ setup(
         "sentencepiece>=0.2",
         "tensorboard>=2.14",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # checkpoint conversion
+        "tokenizers>=0.19",  # --tokenizer-type HuggingFaceTokenizer (Llama-3)
+        "matplotlib>=3.8",  # evaluation plots (PNG)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],
         "hf": HF,
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5", "matplotlib>=3.8"] + HF,
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"] + HF,
     },
 )

@@ -242,8 +242,12 @@ def load_hf_model(
     """
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"--hf-dir {hf_dir}: no config.json (not a Hugging Face model)")
-    from transformers import AutoModelForCausalLM
-
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ValueError(
+            "--hf-dir needs Hugging Face transformers: pip install -e '.[hf]'"
+        ) from err
     try:
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:

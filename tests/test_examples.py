@@ -54,6 +54,7 @@ def test_quickstart_smoke(tmp_path):
     # The long-context table: one row per model, passkey and perplexity columns.
     for row in ("| base (S=256) |", "| PI x8, no training |", "| EndPrompt, PI x8 |"):
         assert row in out
+    assert (tmp_path / "qs_smoke" / "tb" / "endprompt" / "loss_curve.png").is_file()
     compare = tmp_path / "qs_smoke" / "eval" / "compare"
     assert (compare / "compare.md").is_file() and (compare / "compare_perplexity.png").is_file()
     assert os.path.isfile(

@@ -56,6 +56,10 @@ class MetricsLogger:
     enabled: bool = True
     start_iter: int = 0
     """Iteration the run (re)started from: ETA counts only iterations done by this process."""
+    plot_path: str | None = None
+    """Where :meth:`close` draws the loss curve (PNG); None draws nothing."""
+    _train: list[tuple[int, float]] = field(default_factory=list, init=False, repr=False)
+    _valid: list[tuple[int, float]] = field(default_factory=list, init=False, repr=False)
     _writer: object = field(default=None, init=False, repr=False)
     _t_start: float = field(default_factory=time.perf_counter, init=False)
 
@@ -78,6 +82,8 @@ class MetricsLogger:
         """
         if not self.enabled:
             return None
+        if "loss" in scalars:
+            self._train.append((iteration, float(scalars["loss"])))
         if self._writer is not None:
             for name, value in scalars.items():
                 self._writer.add_scalar(f"train/{name}", value, iteration)
@@ -98,6 +104,7 @@ class MetricsLogger:
         """Validation loss (and perplexity) at ``iteration``."""
         if not self.enabled:
             return
+        self._valid.append((iteration, float(loss)))
         if self._writer is not None:
             self._writer.add_scalar("valid/loss", loss, iteration)
             self._writer.add_scalar("valid/ppl", math.exp(min(loss, 50.0)), iteration)
@@ -105,10 +112,38 @@ class MetricsLogger:
         print(f"validation at iter {iteration}: loss {loss:.4f} ppl {math.exp(min(loss, 50)):.2f}")
 
     def close(self) -> None:
-        """Flush and close TensorBoard."""
+        """Flush and close TensorBoard; draw the loss curve PNG."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.enabled and self.plot_path and self._train:
+            plot_loss_curve(self._train, self._valid, self.plot_path)
+
+
+def plot_loss_curve(
+    train: list[tuple[int, float]], valid: list[tuple[int, float]], path: str
+) -> str:
+    """Training loss per logged iteration (and validation points) as a PNG, written atomically."""
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    ax.plot(*zip(*train), label="train (logged iterations)")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (weighted mean)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    FigureCanvasAgg(fig).print_png(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -9,6 +9,7 @@ the same on both.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -173,8 +174,13 @@ def train(run: RunConfig) -> TrainResult:
     )
     valid_iter = cycle_iterator(valid_ds, t.micro_batch_size, rt.dp_rank, rt.dp_size)
     step, evaluate = _step_fns(run, rt, objs, shape)
+    plot_dir = run.logging.tensorboard_dir or run.checkpoint.save
     logger = MetricsLogger(
-        run.logging.tensorboard_dir, run.train_iters, rt.is_logging_rank, state.iteration
+        run.logging.tensorboard_dir,
+        run.train_iters,
+        rt.is_logging_rank,
+        state.iteration,
+        plot_path=os.path.join(plot_dir, "loss_curve.png") if plot_dir else None,
     )
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
     meter = _Meter(t.global_batch_size * run.model.seq_length)

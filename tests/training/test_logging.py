@@ -50,3 +50,15 @@ def test_tensorboard_scalars_written(tmp_path):
 def test_disabled_logger_is_silent(capsys):
     assert MetricsLogger(None, total_iters=1, enabled=False).log(1, {"loss": 1.0}, 1.0) is None
     assert capsys.readouterr().out == ""
+
+
+def test_loss_curve_png(tmp_path):
+    path = tmp_path / "sub" / "loss_curve.png"
+    logger = MetricsLogger(None, total_iters=3, plot_path=str(path))
+    for it, loss in ((1, 3.0), (2, 2.5), (3, 2.0)):
+        logger.log(it, {"loss": loss}, interval_s=1.0)
+    logger.log_eval(3, 2.2)
+    logger.close()
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert sorted(os.listdir(path.parent)) == ["loss_curve.png"]  # no temporary file left

@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.4",  # checkpoint conversion
         "tokenizers>=0.19",  # --tokenizer-type HuggingFaceTokenizer (Llama-3)
         "matplotlib>=3.8",  # evaluation plots (PNG)
+        "psutil>=5.9",  # megatron-core's dist-checkpoint writer needs it (undeclared there)
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.0"],

@@ -42,17 +42,26 @@ def transformer_overrides(run) -> dict:
 
 
 def build_model_chunks(run) -> list[torch.nn.Module]:
-    """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP).
+
+    Seeded once, before the first chunk, with ``seed + 100 * pp_rank`` (Megatron-LM's
+    ``_set_random_seed``): re-seeding per chunk, or the same seed on every stage, would give
+    every virtual/pipeline stage the same initial layer weights.
+    """
+    from megatron.core import parallel_state as ps
+
     from megatron_endprompt.model.gpt import build_model
 
     vpp = run.parallel.virtual_pipeline_model_parallel_size or 1
     overrides = transformer_overrides(run)
+    pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    seed = run.training.seed + 100 * pp_rank
     return [
         build_model(
             run.model,
             run.parallel,
             vp_stage=i if vpp > 1 else None,
-            seed=run.training.seed,
+            seed=seed if i == 0 else None,
             **overrides,
         )
         for i in range(vpp)
@@ -71,7 +80,10 @@ def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module
 
     t, p = run.training, run.parallel
     config = model_chunks[0].config
-    if t.bf16:
+    # Mixed precision follows the parameters' dtype (--bf16 or --params-dtype), as Megatron-LM's
+    # --bf16/--fp16 do: Float16Module plus fp32 main params in the optimizer (fp16 adds dynamic
+    # loss scaling). fp32 parameters get neither.
+    if config.bf16 or config.fp16:
         model_chunks = [Float16Module(config, m) for m in model_chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -94,7 +106,8 @@ def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module
         adam_beta2=t.adam_beta2,
         adam_eps=t.adam_eps,
         clip_grad=t.clip_grad,
-        bf16=t.bf16,
+        bf16=config.bf16,
+        fp16=config.fp16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=p.use_distributed_optimizer,
     )

@@ -9,7 +9,8 @@ conversions are lossless.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ROPE_SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
@@ -348,3 +349,22 @@ class ParallelConfig:
 def _flag(name: str) -> str:
     """The Megatron-style flag of a field: ``num_layers`` -> ``--num-layers``."""
     return "--" + name.replace("_", "-")
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from its ``asdict`` form (as checkpoints record it); unknown keys are ignored.
+
+    Raises:
+        ValueError: When a field is invalid (the config's own message).
+    """
+    known = {f.name for f in fields(ModelConfig)}
+    kwargs = {k: v for k, v in values.items() if k in known}
+    scaling = kwargs.get("rope_scaling")
+    if isinstance(scaling, Mapping):
+        scaling_known = {f.name for f in fields(RopeScalingConfig)}
+        kwargs["rope_scaling"] = RopeScalingConfig(
+            **{k: v for k, v in scaling.items() if k in scaling_known}
+        )
+    elif scaling is None:
+        kwargs.pop("rope_scaling", None)
+    return ModelConfig(**kwargs)

@@ -37,7 +37,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megatron_endprompt.config import PARAMS_DTYPES, ModelConfig, ParallelConfig, RopeScalingConfig
+from megatron_endprompt.config import (
+    PARAMS_DTYPES,
+    ModelConfig,
+    ParallelConfig,
+    model_config_from_dict,
+)
 from megatron_endprompt.convert.hf_llama import (
     fuse_qkv,
     hf_config_from_model_config,
@@ -58,30 +63,21 @@ from megatron_endprompt.convert.shapes import (
     megatron_shard_shapes,
     merge_tensor_parallel,
 )
-from megatron_endprompt.training.checkpoint import TRACKER, iteration_dir, read_tracker
+from megatron_endprompt.training.checkpoint import (
+    MODEL_CONFIG_JSON,
+    TRACKER,
+    iteration_dir,
+    read_tracker,
+    recorded_model_config,
+)
 
 FORMAT = "megatron_endprompt/v1"
-MODEL_CONFIG_JSON = "model_config.json"
 SHARD_FILE = "model_optim_rng.pt"
 _SHARD_DIR_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _TOKENIZER_RE = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
     r"chat_template\.(jinja|json)|.*\.model)$"
 )
-
-
-def model_config_from_dict(fields: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from ``dataclasses.asdict`` output (unknown keys are ignored)."""
-
-    def known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}}
-
-    kwargs = known(ModelConfig, fields)
-    if isinstance(kwargs.get("rope_scaling"), Mapping):
-        kwargs["rope_scaling"] = RopeScalingConfig(
-            **known(RopeScalingConfig, kwargs["rope_scaling"])
-        )
-    return ModelConfig(**kwargs)
 
 
 def _check_output(output_dir: str, force: bool, input_dir: str | None = None) -> None:
@@ -287,21 +283,16 @@ def checkpoint_model_config(load_dir: str, shard: Mapping[str, Any]) -> tuple[Mo
     ``model_config.json`` beside the tracker. The target length defaults to
     ``max_position_embeddings``.
     """
-    run = shard.get("run_config")
-    if isinstance(run, Mapping) and isinstance(run.get("model"), Mapping):
-        m = model_config_from_dict(run["model"])
-        return m, (run.get("endprompt") or {}).get("target_length") or m.max_position_embeddings
-    if isinstance(shard.get("model_config"), Mapping):
-        m = model_config_from_dict(shard["model_config"])
-        return m, m.max_position_embeddings
-    path = os.path.join(load_dir, MODEL_CONFIG_JSON)
-    if not os.path.isfile(path):
+    saved = recorded_model_config(shard, search_dirs=(load_dir,))
+    if saved is None:
         raise FileNotFoundError(
             f"--input={load_dir}: no model config (neither run_config/model_config in the shard "
             f"nor {MODEL_CONFIG_JSON})"
         )
-    with open(path, encoding="utf-8") as f:
-        m = model_config_from_dict(json.load(f))
+    m = model_config_from_dict(saved)
+    run = shard.get("run_config")
+    if isinstance(run, Mapping) and isinstance(run.get("model"), Mapping):
+        return m, (run.get("endprompt") or {}).get("target_length") or m.max_position_embeddings
     return m, m.max_position_embeddings
 
 

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_endprompt.config import ModelConfig, RopeScalingConfig
+from megatron_endprompt.config import ModelConfig, RopeScalingConfig, model_config_from_dict
 from megatron_endprompt.eval.scoring import LogitsFn
-
-MODEL_CONFIG_JSON = "model_config.json"
+from megatron_endprompt.training.checkpoint import MODEL_CONFIG_JSON, recorded_model_config
 
 
 def _shard_dirs(iter_dir: str) -> list[str]:
@@ -73,42 +72,16 @@ def _resolve_iteration(load_dir: str, iteration: int | None) -> int:
     return iteration
 
 
-def model_config_from_dict(fields: Mapping[str, Any]) -> ModelConfig:
-    """Rebuild a ModelConfig from its ``to_dict`` form (keys ModelConfig lacks are ignored).
-
-    Raises:
-        ValueError: When a field is invalid (the config's own message).
-    """
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: v for k, v in fields.items() if k in known}
-    scaling = values.get("rope_scaling")
-    if isinstance(scaling, Mapping):
-        scaling_known = {f.name for f in dataclasses.fields(RopeScalingConfig)}
-        values["rope_scaling"] = RopeScalingConfig(
-            **{k: v for k, v in scaling.items() if k in scaling_known}
-        )
-    elif scaling is None:
-        values.pop("rope_scaling", None)
-    return ModelConfig(**values)
-
-
 def _model_config_dict(shard: Mapping[str, Any], load_dir: str, ckpt_path: str) -> dict:
     """The model config of a checkpoint: run_config["model"], model_config, or the JSON file."""
-    run_config = shard.get("run_config")
-    if isinstance(run_config, Mapping) and isinstance(run_config.get("model"), Mapping):
-        return dict(run_config["model"])
-    if isinstance(shard.get("model_config"), Mapping):
-        return dict(shard["model_config"])
     shard_dir = os.path.dirname(ckpt_path)
-    for directory in (shard_dir, os.path.dirname(shard_dir), load_dir):
-        path = os.path.join(directory, MODEL_CONFIG_JSON)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-    raise ValueError(
-        f"--load {load_dir}: {ckpt_path} carries no model config (no run_config or "
-        f"model_config entry, no {MODEL_CONFIG_JSON} beside it)"
-    )
+    saved = recorded_model_config(shard, (shard_dir, os.path.dirname(shard_dir), load_dir))
+    if saved is None:
+        raise ValueError(
+            f"--load {load_dir}: {ckpt_path} carries no model config (no run_config or "
+            f"model_config entry, no {MODEL_CONFIG_JSON} beside it)"
+        )
+    return saved
 
 
 def _seeds(shard: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,12 @@ a directory. ``keep_last`` prunes older complete checkpoints after the tracker m
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,14 @@ import torch
 import torch.distributed as dist
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG_JSON = "model_config.json"
+# Fields that must agree between a checkpoint and the model loading it. RoPE scaling, sequence and
+# window lengths may change on purpose (that is context extension); these may not.
+MUST_MATCH = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "norm_epsilon", "swiglu", "add_bias_linear",
+    "untie_embeddings_and_output_weights", "rotary_base", "rotary_percent", "rotary_interleaved",
+)  # fmt: skip
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -200,3 +210,62 @@ def load_checkpoint(
         return None
     # The state holds numpy / python RNG states, so a weights-only load cannot read it.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def recorded_model_config(
+    shard: Mapping[str, Any], search_dirs: Sequence[str] = ()
+) -> dict[str, Any] | None:
+    """The model config a checkpoint recorded, as a dict, or None.
+
+    Looked up in order: the shard's ``run_config["model"]`` (training checkpoints), its
+    ``model_config`` (converted checkpoints), then ``model_config.json`` in ``search_dirs``.
+    """
+    run_config = shard.get("run_config")
+    if isinstance(run_config, Mapping) and isinstance(run_config.get("model"), Mapping):
+        return dict(run_config["model"])
+    if isinstance(shard.get("model_config"), Mapping):
+        return dict(shard["model_config"])
+    for directory in search_dirs:
+        path = os.path.join(directory, MODEL_CONFIG_JSON)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    return None
+
+
+def check_checkpoint_model(model_config: Any, shard: Mapping[str, Any], load_dir: str) -> None:
+    """Fail when the checkpoint's recorded model config disagrees with ``model_config``.
+
+    A shape mismatch would fail at load anyway; numerics such as --norm-epsilon or
+    --rotary-base would load silently and give a different model.
+    """
+    saved = recorded_model_config(shard)
+    if not saved:
+        return
+    bad = [
+        f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, run "
+        f"{getattr(model_config, name)!r}"
+        for name in MUST_MATCH
+        if name in saved and saved[name] != getattr(model_config, name)
+    ]
+    if bad:
+        raise ValueError(
+            f"--load={load_dir}: the model flags disagree with the checkpoint: " + "; ".join(bad)
+        )
+
+
+def load_model_weights(
+    module: torch.nn.Module, shard: Mapping[str, Any], load_dir: str, model_config: Any
+) -> None:
+    """Load a shard's weights into ``module`` after checking its recorded model config.
+
+    Raises:
+        ValueError: naming --load, on a config disagreement or missing / unexpected keys.
+    """
+    from megatron_endprompt.convert.hf_llama import load_megatron_state_dict
+
+    check_checkpoint_model(model_config, shard, load_dir)
+    try:
+        load_megatron_state_dict(module, shard["model"])
+    except ValueError as err:
+        raise ValueError(f"--load={load_dir}: {err}") from err

@@ -167,14 +167,7 @@ def _load_legacy(run, rt, objs, state, iteration: int) -> bool:
     shard = ckpt.load_checkpoint(
         run.checkpoint.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank), iteration
     )
-    module = objs.module[0]
-    missing, unexpected = module.load_state_dict(shard["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(
-            f"--load: checkpoint does not match the model (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}); check the model shape flags"
-        )
+    ckpt.load_model_weights(objs.module[0], shard, run.checkpoint.load, run.model)
     # The optimizer's fp32 main params (bf16/fp16) were copied from the initial weights.
     objs.optimizer.reload_model_params()
     if not run.checkpoint.finetune:

@@ -120,14 +120,7 @@ def load_into(run: RunConfig, rt: Runtime, objs: TrainingObjects) -> TrainState:
         if rt.is_logging_rank:
             print(f"--load={c.load}: no checkpoint found, starting from scratch", flush=True)
         return TrainState()
-    check_checkpoint_model(run.model, shard, c.load)
-    missing, unexpected = objs.module.load_state_dict(shard["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(
-            f"--load={c.load}: checkpoint does not match the model (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}); check the model shape flags"
-        )
+    ckpt.load_model_weights(objs.module, shard, c.load, run.model)
     if c.finetune:
         return TrainState()
     if not c.no_load_optim and "optimizer" in shard:
@@ -139,46 +132,6 @@ def load_into(run: RunConfig, rt: Runtime, objs: TrainingObjects) -> TrainState:
     if rt.is_logging_rank:
         print(f"resumed from {c.load} at iteration {state.iteration}", flush=True)
     return state
-
-
-# Fields that must agree between a checkpoint and the run loading it. RoPE scaling, sequence and
-# window lengths may change on purpose (that is context extension); these may not.
-MUST_MATCH = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "normalization",
-    "norm_epsilon",
-    "swiglu",
-    "add_bias_linear",
-    "untie_embeddings_and_output_weights",
-    "rotary_base",
-    "rotary_percent",
-    "rotary_interleaved",
-)
-
-
-def check_checkpoint_model(model, shard: dict[str, Any], load_dir: str) -> None:
-    """Fail when the checkpoint's model config (if recorded) disagrees with the run's flags.
-
-    A shape mismatch would fail at load anyway; numerics such as --norm-epsilon or
-    --rotary-base would load silently and give a different model.
-    """
-    saved = shard.get("model_config") or (shard.get("run_config") or {}).get("model")
-    if not saved:
-        return
-    bad = [
-        f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, run {getattr(model, name)!r}"
-        for name in MUST_MATCH
-        if name in saved and saved[name] != getattr(model, name)
-    ]
-    if bad:
-        raise ValueError(
-            f"--load={load_dir}: the model flags disagree with the checkpoint: " + "; ".join(bad)
-        )
 
 
 def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:

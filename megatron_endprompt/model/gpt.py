@@ -73,7 +73,7 @@ class EndPromptGPTModel(GPTModel):
             decoder_input: Hidden states replacing the embedding (megatron-core semantics).
             labels: Target ids [b, s]; when given, the per-token loss is returned.
             loss_mask: Passed through to GPTModel (only used by multi-token prediction); apply
-                the weights with :func:`masked_loss_sum`.
+                the weights with :func:`megatron_endprompt.training.loss.masked_loss_sum`.
             runtime_gather_output: Gather vocab-parallel logits; None gathers when no labels.
             **kwargs: Other ``GPTModel.forward`` arguments (inference context, packed params).
 
@@ -112,30 +112,6 @@ def _gather_vocab_parallel(logits_bsv: torch.Tensor, group) -> torch.Tensor:  # 
         return logits_bsv
     parts = dist_nn.all_gather(logits_bsv.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
-
-
-def masked_loss_sum(
-    per_token_loss_bs: torch.Tensor, loss_mask_bs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted loss numerator and denominator of one micro-batch.
-
-    Args:
-        per_token_loss_bs: Per-token cross entropy [b, s] (the model's output with labels).
-        loss_mask_bs: Per-token weights [b, s] (0 = ignore).
-
-    Returns:
-        (sum(w * CE), sum(w)) as float32 scalars; the loss is their ratio over the global batch.
-
-    Raises:
-        ValueError: If the shapes differ.
-    """
-    if per_token_loss_bs.shape != loss_mask_bs.shape:
-        raise ValueError(
-            f"per-token loss shape {tuple(per_token_loss_bs.shape)} != loss_mask shape "
-            f"{tuple(loss_mask_bs.shape)}"
-        )
-    w = loss_mask_bs.float()
-    return (per_token_loss_bs.float() * w).sum(), w.sum()
 
 
 def build_rotary(model_config: ModelConfig) -> PositionRotaryEmbedding:

@@ -38,10 +38,17 @@ def weighted_loss_sum(per_token_loss_bs: torch.Tensor, loss_mask_bs: torch.Tenso
     """``sum(w * CE)`` of one micro-batch (float32 accumulation, as megatron does)."""
     if per_token_loss_bs.shape != loss_mask_bs.shape:
         raise ValueError(
-            f"per-token loss {tuple(per_token_loss_bs.shape)} and loss_mask "
-            f"{tuple(loss_mask_bs.shape)} differ in shape"
+            f"per-token loss shape {tuple(per_token_loss_bs.shape)} != loss_mask shape "
+            f"{tuple(loss_mask_bs.shape)}"
         )
     return (per_token_loss_bs.float() * loss_mask_bs.float()).sum()
+
+
+def masked_loss_sum(
+    per_token_loss_bs: torch.Tensor, loss_mask_bs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum(w * CE), sum(w))`` of one micro-batch; the loss is their ratio over a batch."""
+    return weighted_loss_sum(per_token_loss_bs, loss_mask_bs), loss_mask_bs.float().sum()
 
 
 def microbatch_objective(

@@ -12,8 +12,9 @@ from model_fixtures import endprompt_positions_bs, tiny_model_config
 
 from megatron_endprompt.config import ModelConfig, ParallelConfig, RopeScalingConfig
 from megatron_endprompt.model.attention import SDPACoreAttention
-from megatron_endprompt.model.gpt import build_model, masked_loss_sum, transformer_config
+from megatron_endprompt.model.gpt import build_model, transformer_config
 from megatron_endprompt.model.specs import get_layer_spec
+from megatron_endprompt.training.loss import masked_loss_sum
 
 pytestmark = pytest.mark.usefixtures("single_process_parallel_state")
 

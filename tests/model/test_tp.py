@@ -21,7 +21,8 @@ from megatron_endprompt.convert.hf_llama import (
     load_megatron_state_dict,
     shard_for_tensor_parallel,
 )
-from megatron_endprompt.model.gpt import build_model, masked_loss_sum
+from megatron_endprompt.model.gpt import build_model
+from megatron_endprompt.training.loss import masked_loss_sum
 
 TP = 2
 

@@ -29,37 +29,30 @@ from __future__ import annotations
 
 import argparse
 import functools
-import socket
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_endprompt.model.rotary import PositionRotaryEmbedding
 from megatron_endprompt.model.specs import get_layer_spec
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_endprompt.training.device import (
+    destroy_distributed,
+    init_distributed,
+    initialize_model_parallel,
+    model_parallel_seed,
+)
 
 
 def init_parallel(device: str) -> None:
     """World-size-1 process group and megatron model parallel state (TP = PP = 1)."""
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}"
-    )
-    parallel_state.initialize_model_parallel(1, 1)
-    if device == "cuda":
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)  # CUDA-only RNG tracker
+    init_distributed("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    initialize_model_parallel(1, 1)
+    model_parallel_seed(1234)  # also megatron's CUDA RNG tracker when on CUDA
 
 
 def build_layer(args: argparse.Namespace) -> torch.nn.Module:
@@ -205,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         res = run(args)
     finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        destroy_distributed()
     print(
         f"S={args.seq_length} hidden={args.hidden_size} heads={args.num_heads} "
         f"batch={args.batch_size} device={args.device} impl={args.impl} reps={args.reps}"

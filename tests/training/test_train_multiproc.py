@@ -1,20 +1,15 @@
 """Data- and tensor-parallel CPU training (2 gloo processes under torchrun) match one process."""
 
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 from train_fixtures import make_corpus, train_flags
 
+from megatron_endprompt.training.device import free_port
+
 LINE = re.compile(r"^iter\s+(\d+)/\d+ \| loss ([\d.e+-]+) \| lr [\d.e+-]+ \| grad_norm ([\d.e+-]+)")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(cmd: list[str]) -> list[tuple[float, float]]:
@@ -53,7 +48,7 @@ def test_two_processes_match_one(flags, parallel):
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(_port()),
+            str(free_port()),
             "-m",
             "megatron_endprompt.train",
             *flags,

@@ -15,6 +15,8 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from megatron_endprompt.atomic_io import atomic_write
+
 CORPUS_SKIP_REASONS = ("too_large", "empty", "unreadable", "undecodable")
 ALWAYS_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 TEST_DIRS = frozenset({"test", "tests"})
@@ -123,8 +125,8 @@ def prepare_corpus(
     root = root if root is not None else stdlib_root()
     _validate(output, max_docs, max_bytes_per_doc, root)
     stats = CorpusStats(output=output)
-    tmp = f"{output}.tmp-{os.getpid()}"
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for path, rel in iter_source_files(root, include_tests):
                 if max_docs is not None and stats.documents >= max_docs:
@@ -138,9 +140,6 @@ def prepare_corpus(
                 stats.bytes += len(text.encode("utf-8"))
         if stats.documents == 0:
             raise ValueError(f"--source-dir {root}: no documents written ({stats.summary()})")
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(output, write)
     return stats

@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from megatron_endprompt.atomic_io import atomic_write_text
+
 TASKS = ("passkey", "needle", "perplexity")
 
 
@@ -379,7 +381,7 @@ def compare(argv: Sequence[str]) -> int:
         reports[name] = payload
     headers, rows = compare_rows(reports)
     table = report.format_table(rows, headers)
-    paths = [report._write_text(os.path.join(args.output, "compare.md"), table)]
+    paths = [atomic_write_text(os.path.join(args.output, "compare.md"), table)]
     ppl = {n: _perplexity_result(p["results"]["perplexity"])
            for n, p in reports.items() if "perplexity" in p["results"]}  # fmt: skip
     if ppl:

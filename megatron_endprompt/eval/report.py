@@ -10,42 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from megatron_endprompt.atomic_io import atomic_write, atomic_write_text
 from megatron_endprompt.eval.needle import NeedleResult
 from megatron_endprompt.eval.passkey import PasskeyResult
 from megatron_endprompt.eval.perplexity import PerplexityResult
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _write_text(path: str | os.PathLike, text: str) -> str:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return _atomic_write(path, write)
 
 
 def _cell(value: Any) -> str:
@@ -148,7 +123,7 @@ def write_report(
     if not isinstance(meta, Mapping):
         raise ValueError(f"meta must be a mapping, got {meta!r}")
     payload = {"meta": _jsonable(meta), "results": _jsonable(results)}
-    json_path = _write_text(
+    json_path = atomic_write_text(
         os.path.join(out_dir, "report.json"), json.dumps(payload, indent=2) + "\n"
     )
     meta_rows = [[k, json.dumps(v)] for k, v in payload["meta"].items()]
@@ -156,13 +131,13 @@ def write_report(
     if meta_rows:
         parts.append(format_table(meta_rows, ["meta", "value"]))
     parts.extend(_section(name, r) for name, r in results.items())
-    md_path = _write_text(os.path.join(out_dir, "report.md"), "\n".join(parts))
+    md_path = atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(parts))
     return json_path, md_path
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> str:
     FigureCanvasAgg(fig)
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def plot_passkey_heatmap(result: PasskeyResult, path: str | os.PathLike) -> str:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_endprompt.atomic_io import atomic_write_text
+
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_JSON = "model_config.json"
 # Fields that must agree between a checkpoint and the model loading it. RoPE scaling, sequence and
@@ -88,15 +90,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def _write_atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     save_dir: str,
     iteration: int,
@@ -136,7 +129,7 @@ def save_checkpoint(
     if _is_rank0():
         shutil.rmtree(final, ignore_errors=True)  # an older save of the same iteration
         os.replace(tmp, final)
-        _write_atomic_text(os.path.join(save_dir, TRACKER), f"{iteration}\n")
+        atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
         if keep_last is not None:
             prune_checkpoints(save_dir, keep_last)
     _barrier()

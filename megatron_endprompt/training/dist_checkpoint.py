@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_endprompt.atomic_io import atomic_write_text
 from megatron_endprompt.training import checkpoint as ckpt
 
 
@@ -93,8 +94,8 @@ def save(run, rt, objs, state) -> str:
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        ckpt._write_atomic_text(
-            os.path.join(run.checkpoint.save, ckpt.TRACKER), f"{state.iteration}\n"
+        atomic_write_text(
+            os.path.join(run.checkpoint.save, ckpt.TRACKER), f"{state.iteration}\n", fsync=True
         )
         if run.checkpoint.keep_last:
             ckpt.prune_checkpoints(run.checkpoint.save, run.checkpoint.keep_last)

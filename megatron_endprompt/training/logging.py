@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_endprompt.atomic_io import atomic_write
+
 
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``'1h02m05s'``; ``'?'`` for a non-finite value."""
@@ -124,8 +126,6 @@ def plot_loss_curve(
     train: list[tuple[int, float]], valid: list[tuple[int, float]], path: str
 ) -> str:
     """Training loss per logged iteration (and validation points) as a PNG, written atomically."""
-    import os
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -139,11 +139,7 @@ def plot_loss_curve(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    FigureCanvasAgg(fig).print_png(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, FigureCanvasAgg(fig).print_png)
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -1,0 +1,45 @@
+"""Write-then-rename file output: a reader sees the old file or the complete new one, never half.
+
+Every tool and the training loop write their outputs (reports, plots, corpora, tracker files)
+through these helpers; directory-level publishing (checkpoints, converted models, ``.bin/.idx``
+pairs) renames whole directories or file pairs in the same spirit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``.
+
+    The temporary file is removed if ``write`` raises (or is interrupted). Returns ``path``.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> str:
+    """Write ``text`` (UTF-8) atomically; ``fsync`` makes it durable before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    return atomic_write(path, write)

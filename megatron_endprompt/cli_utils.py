@@ -144,9 +144,9 @@ def given_flags(args: argparse.Namespace, cls: type) -> set[str]:
 def run_tool(action: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command-line tool's work; map failures to one ``error:`` line and an exit status.
 
-    Returns 0 after printing the result's ``summary()``; 2 on a user error (``ValueError``,
-    ``OSError`` and ``errors``), with no traceback; 130 when interrupted (outputs are written
-    atomically, so nothing partial is left).
+    Returns 0 after printing the result (its ``summary()`` when it has one); 2 on a user error
+    (``ValueError``, ``OSError`` and ``errors``), with no traceback; 130 when interrupted
+    (outputs are written atomically, so nothing partial is left).
     """
     try:
         result = action()
@@ -156,5 +156,5 @@ def run_tool(action: Callable[[], Any], errors: tuple[type[BaseException], ...] 
     except KeyboardInterrupt:
         print("error: interrupted; no output written", file=sys.stderr)
         return 130
-    print(result.summary())
+    print(result.summary() if hasattr(result, "summary") else result)
     return 0

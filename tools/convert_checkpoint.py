@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_endprompt.cli_utils import run_tool
 from megatron_endprompt.convert.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
 
 
@@ -98,15 +99,8 @@ def _run(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        print(_run(args))
-    except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: torch I/O failures
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
-    return 0
+    # RuntimeError: torch's I/O failures on unreadable shards.
+    return run_tool(lambda: _run(args), errors=(RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_endprompt.cli_utils import run_tool
 from megatron_endprompt.data.corpus import prepare_corpus
 
 
@@ -33,19 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Write the corpus; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        stats = prepare_corpus(
+    return run_tool(
+        lambda: prepare_corpus(
             args.output,
             root=args.source_dir,
             max_docs=args.max_docs,
             max_bytes_per_doc=args.max_bytes_per_doc,
             include_tests=args.include_tests,
         )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(stats.summary())
-    return 0
+    )
 
 
 if __name__ == "__main__":

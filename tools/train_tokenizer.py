@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_endprompt.cli_utils import run_tool
 from megatron_endprompt.data.tokenizer_training import train_sentencepiece
 
 
@@ -47,24 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Train the tokenizer; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        result = train_sentencepiece(
-            args.input,
-            args.output_prefix,
-            args.vocab_size,
-            json_keys=args.json_keys,
-            max_sentences=args.max_sentences,
-            max_sentence_length=args.max_sentence_length,
-            num_threads=args.num_threads,
-        )
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(
+    return run_tool(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> str:
+    result = train_sentencepiece(
+        args.input,
+        args.output_prefix,
+        args.vocab_size,
+        json_keys=args.json_keys,
+        max_sentences=args.max_sentences,
+        max_sentence_length=args.max_sentence_length,
+        num_threads=args.num_threads,
+    )
+    return (
         f"wrote {result.model_path} and {result.vocab_path} ({args.vocab_size} pieces) from "
         f"{result.sentences} lines; skipped {result.skipped_lines} bad JSONL lines"
     )
-    return 0
 
 
 if __name__ == "__main__":

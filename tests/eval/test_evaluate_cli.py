@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from eval_fixtures import VOCAB, tiny_config
 from megatron.core.datasets.indexed_dataset import (
     IndexedDatasetBuilder,
     get_bin_path,
     get_idx_path,
 )
 
-from megatron_endprompt.config import ModelConfig
 from megatron_endprompt.eval.cli import main
 from megatron_endprompt.eval.passkey import PasskeyResult
 from megatron_endprompt.eval.report import write_report
@@ -26,19 +26,8 @@ from megatron_endprompt.model.gpt import build_model
 from megatron_endprompt.training.checkpoint import ShardRank, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VOCAB = 259  # ByteTokenizer
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CONFIG = ModelConfig(
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    seq_length=32,
-    max_position_embeddings=256,
-    vocab_size=VOCAB,
-    make_vocab_size_divisible_by=1,
-)
+CONFIG = tiny_config(make_vocab_size_divisible_by=1)
 
 
 @pytest.fixture(scope="module")

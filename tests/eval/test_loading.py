@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import VOCAB, tiny_config
 from megatron.core.datasets.indexed_dataset import (
     IndexedDatasetBuilder,
     get_bin_path,
@@ -28,24 +29,7 @@ from megatron_endprompt.eval.loading import (
 from megatron_endprompt.model.gpt import build_model
 from megatron_endprompt.training.checkpoint import ShardRank, save_checkpoint
 
-VOCAB = 259  # the byte tokenizer's; padded to 320 by make_vocab_size_divisible_by=64
 PI8 = RopeScalingConfig(rope_type="linear", factor=8.0)
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        seq_length=32,
-        max_position_embeddings=256,
-        vocab_size=VOCAB,
-        make_vocab_size_divisible_by=64,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
 
 
 def run_config(config: ModelConfig, seed: int = 11) -> dict:

@@ -221,9 +221,6 @@ def _validate_lengths(run: RunConfig) -> None:
         )
     if S > L:
         _fail(f"--seq-length={S} exceeds --target-length={L}: positions must stay below L")
-    cp = run.parallel.context_parallel_size
-    if cp > 1 and S % (2 * cp):
-        _fail(f"--seq-length={S} must be divisible by 2 x --context-parallel-size={cp}")
 
 
 def _validate_backend(run: RunConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from megatron_endprompt.cli_utils import Flag, add_dataclass_args, dataclass_from_args
 from megatron_endprompt.config import ModelConfig, ParallelConfig, RopeScalingConfig
@@ -57,7 +57,6 @@ class RunConfig:
     device: str = "cpu"
     model_preset: str | None = None
     world_size: int = 1
-    extra: dict = field(default_factory=dict)
 
     @property
     def data_parallel_size(self) -> int:

@@ -48,11 +48,6 @@ class Runtime:
     model_parallel_group: dist.ProcessGroup | None
 
     @property
-    def is_first_stage(self) -> bool:
-        """First pipeline stage (holds the embedding)."""
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         """Last pipeline stage (holds the output layer and sees the loss)."""
         return self.pp_rank == self.pp_size - 1

@@ -140,7 +140,7 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
     return EndPromptDatasetConfig(
         random_seed=run.training.seed,
         sequence_length=run.model.seq_length,
-        blend=parse_blend(d.data_path) if d.data_path else _missing_data_path(),
+        blend=parse_blend(d.data_path),
         split=d.split,
         path_to_cache=d.data_cache_path,
         tokenizer=tokenizer,
@@ -157,10 +157,6 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
         cues=e.cues,
         terminal_loss_weight=e.terminal_loss_weight,
     )
-
-
-def _missing_data_path():
-    raise ValueError("--data-path is required")
 
 
 def build_datasets_for_run(run: RunConfig, rt: Runtime, tokenizer):

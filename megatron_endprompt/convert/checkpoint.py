@@ -65,14 +65,15 @@ from megatron_endprompt.convert.shapes import (
 )
 from megatron_endprompt.training.checkpoint import (
     MODEL_CONFIG_JSON,
+    SHARD_FILE,
     TRACKER,
     iteration_dir,
     read_tracker,
     recorded_model_config,
+    stored_iteration_dir,
 )
 
 FORMAT = "megatron_endprompt/v1"
-SHARD_FILE = "model_optim_rng.pt"
 _SHARD_DIR_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _TOKENIZER_RE = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
@@ -243,9 +244,7 @@ def _find_shards(load_dir: str) -> dict[tuple[int, int], str]:
     iteration = read_tracker(load_dir)
     if iteration is None:
         raise FileNotFoundError(f"--input={load_dir}: no {TRACKER} (not a Megatron checkpoint)")
-    base = iteration_dir(load_dir, iteration)
-    if iteration == 0 and not os.path.isdir(base):
-        base = os.path.join(load_dir, "release")
+    base = stored_iteration_dir(load_dir, iteration)
     names = sorted(os.listdir(base)) if os.path.isdir(base) else []
     matches = [(_SHARD_DIR_RE.match(n), n) for n in names]
     shards = {

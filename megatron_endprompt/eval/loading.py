@@ -38,11 +38,9 @@ def _shard_dirs(iter_dir: str) -> list[str]:
 
 def _check_single_shard(load_dir: str, iteration: int) -> None:
     """Raise when the checkpoint is not one unsharded CPU-format shard."""
-    from megatron_endprompt.training.checkpoint import iteration_dir
+    from megatron_endprompt.training.checkpoint import stored_iteration_dir
 
-    iter_dir = iteration_dir(load_dir, iteration)
-    if iteration == 0 and not os.path.isdir(iter_dir):
-        iter_dir = os.path.join(load_dir, "release")
+    iter_dir = stored_iteration_dir(load_dir, iteration)
     if not os.path.isdir(iter_dir):
         raise FileNotFoundError(f"--load {load_dir}: checkpoint directory {iter_dir} is missing")
     if os.path.isfile(os.path.join(iter_dir, "metadata.json")):

@@ -31,6 +31,7 @@ from megatron_endprompt.atomic_io import atomic_write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_JSON = "model_config.json"
+SHARD_FILE = "model_optim_rng.pt"
 # Fields that must agree between a checkpoint and the model loading it. RoPE scaling, sequence and
 # window lengths may change on purpose (that is context extension); these may not.
 MUST_MATCH = (
@@ -122,7 +123,7 @@ def save_checkpoint(
     if rank.dp_rank == 0:
         shard_dir = os.path.join(tmp, rank.shard_name)
         os.makedirs(shard_dir, exist_ok=True)
-        path = os.path.join(shard_dir, "model_optim_rng.pt")
+        path = os.path.join(shard_dir, SHARD_FILE)
         torch.save({**state, "iteration": iteration}, path + ".part")
         os.replace(path + ".part", path)
     _barrier()
@@ -172,20 +173,22 @@ def read_tracker(load_dir: str) -> int | None:
     return int(text)
 
 
+def stored_iteration_dir(load_dir: str, iteration: int) -> str:
+    """``iter_NNNNNNN`` of ``load_dir``, or Megatron-LM's ``release`` folder for iteration 0."""
+    base = iteration_dir(load_dir, iteration)
+    release = os.path.join(load_dir, "release")
+    if iteration == 0 and not os.path.isdir(base) and os.path.isdir(release):
+        return release
+    return base
+
+
 def checkpoint_path(load_dir: str, rank: ShardRank, iteration: int | None = None) -> str | None:
     """Path of this rank's shard file of ``iteration`` (the tracker's when None)."""
     if iteration is None:
         iteration = read_tracker(load_dir)
         if iteration is None:
             return None
-    base = iteration_dir(load_dir, iteration)
-    if (
-        iteration == 0
-        and not os.path.isdir(base)
-        and os.path.isdir(os.path.join(load_dir, "release"))
-    ):
-        base = os.path.join(load_dir, "release")
-    path = os.path.join(base, rank.shard_name, "model_optim_rng.pt")
+    path = os.path.join(stored_iteration_dir(load_dir, iteration), rank.shard_name, SHARD_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--load: checkpoint shard {path} is missing (was it saved with a different "

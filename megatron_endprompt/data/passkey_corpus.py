@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType
 
+from megatron_endprompt.data.indexed_output import StagedIndexedDataset
 from megatron_endprompt.eval.passkey import NEEDLE, QUESTION, build_haystack
 from megatron_endprompt.eval.scoring import Tokenizer, bos_ids
 
@@ -275,17 +275,8 @@ def output_prefix_for(output_prefix: str) -> str:
     return f"{output_prefix}_text_document"
 
 
-def _publish(builder: IndexedDatasetBuilder, tmp_bin: str, tmp_idx: str, prefix: str) -> None:
-    """Finalize the temporaries and rename them: ``.bin`` first, then ``.idx``."""
-    builder.finalize(tmp_idx)
-    if os.path.exists(prefix + ".idx"):  # never pair an old index with the new data
-        os.remove(prefix + ".idx")
-    os.replace(tmp_bin, prefix + ".bin")
-    os.replace(tmp_idx, prefix + ".idx")
-
-
 def _add_document(
-    builder: IndexedDatasetBuilder,
+    output: StagedIndexedDataset,
     tokenizer: Tokenizer,
     episodes: list[PasskeyDoc],
     dtype: type,
@@ -295,8 +286,7 @@ def _add_document(
     if stats.documents == 0:
         decode_check(tokenizer, episodes[-1])
     ids = np.asarray([t for ep in episodes for t in ep.ids], dtype=dtype)
-    builder.add_item(torch.from_numpy(ids))
-    builder.end_document()
+    output.add_document(ids)
     stats.documents += 1
     stats.episodes += len(episodes)
     stats.tokens += len(ids)
@@ -349,18 +339,14 @@ def write_passkey_corpus(
         tokenizer, kwargs.get("digits", 5), kwargs.get("append_eod", False)
     )
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    tmp_bin, tmp_idx = (f"{stats.output_prefix}{e}.tmp-{os.getpid()}" for e in (".bin", ".idx"))
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    output = StagedIndexedDataset(stats.output_prefix, dtype)
     try:
         for index in range(num_docs):
             episodes = document_episodes(tokenizer, index, seed, doc_tokens, **kwargs)
-            _add_document(builder, tokenizer, episodes, dtype, stats)
-        _publish(builder, tmp_bin, tmp_idx, stats.output_prefix)
+            _add_document(output, tokenizer, episodes, dtype, stats)
+        output.publish()
     except BaseException:
-        builder.data_file.close()
-        for path in (tmp_bin, tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+        output.abort()
         raise
     stats.elapsed_s = time.perf_counter() - start
     return stats

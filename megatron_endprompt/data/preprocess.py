@@ -28,11 +28,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType
 from tqdm import tqdm
 
 from megatron_endprompt.data.files import expand_inputs
+from megatron_endprompt.data.indexed_output import StagedIndexedDataset
 from megatron_endprompt.data.tokenizers import build_tokenizer
 
 SKIP_REASONS = (
@@ -188,44 +188,29 @@ def _encoded(chunks: Iterator, workers: int, init_args: tuple) -> Iterator[list]
 
 
 class _Outputs:
-    """One ``IndexedDatasetBuilder`` per key, on temporary paths until ``publish``."""
+    """One staged indexed dataset per key; all published together, or all aborted."""
 
     def __init__(self, output_prefix: str, keys: Sequence[str], dtype: type) -> None:
-        suffix = f".tmp-{os.getpid()}"
         self.prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
-        self.tmp = {k: (p + ".bin" + suffix, p + ".idx" + suffix) for k, p in self.prefixes.items()}
-        self.builders: dict[str, IndexedDatasetBuilder] = {}
+        self.staged: list[StagedIndexedDataset] = []
         try:
-            for key in keys:
-                self.builders[key] = IndexedDatasetBuilder(self.tmp[key][0], dtype=dtype)
+            for prefix in self.prefixes.values():
+                self.staged.append(StagedIndexedDataset(prefix, dtype))
         except BaseException:
             self.abort()
             raise
 
     def add(self, docs: list[np.ndarray]) -> None:
-        # add_item + end_document, as Megatron-LM without --split-sentences.
-        for builder, ids in zip(self.builders.values(), docs):
-            builder.add_item(torch.from_numpy(ids))
-            builder.end_document()
+        for staged, ids in zip(self.staged, docs):
+            staged.add_document(ids)
 
     def publish(self) -> None:
-        for key, builder in self.builders.items():
-            builder.finalize(self.tmp[key][1])
-        for key, prefix in self.prefixes.items():
-            tmp_bin, tmp_idx = self.tmp[key]
-            # Drop an old .idx first so an old index never pairs with the new data.
-            if os.path.exists(prefix + ".idx"):
-                os.remove(prefix + ".idx")
-            os.replace(tmp_bin, prefix + ".bin")
-            os.replace(tmp_idx, prefix + ".idx")
+        for staged in self.staged:
+            staged.publish()
 
     def abort(self) -> None:
-        for builder in self.builders.values():
-            builder.data_file.close()
-        for key in self.builders:
-            for path in self.tmp[key]:
-                if os.path.exists(path):
-                    os.remove(path)
+        for staged in self.staged:
+            staged.abort()
 
 
 def _validate(

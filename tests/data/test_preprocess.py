@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_endprompt.data import preprocess
+from megatron_endprompt.data import indexed_output
 from megatron_endprompt.data.files import expand_inputs
 from megatron_endprompt.data.preprocess import (
     MAX_WARNINGS,
@@ -184,7 +184,7 @@ def test_interruption_leaves_no_partial_pair(make_jsonl, tmp_path, monkeypatch, 
     # A previous complete run must survive a failed rerun untouched.
     _run([path], tmp_path / "o")
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
-    monkeypatch.setattr(preprocess, "IndexedDatasetBuilder", Failing)
+    monkeypatch.setattr(indexed_output, "IndexedDatasetBuilder", Failing)
     with pytest.raises(exc):
         _run([path], tmp_path / "o", append_eod=True)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": result.tokens_per_s,
             "checkpoint": result.checkpoint,
             "interrupted": result.interrupted,
+            "peak_memory_gib": result.peak_memory_gib,
+            "peak_memory_kind": result.peak_memory_kind,
         }
         print("TRAIN_SUMMARY " + json.dumps(summary), flush=True)
     teardown_runtime()

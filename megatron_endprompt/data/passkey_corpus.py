@@ -151,8 +151,10 @@ def make_passkey_window(
 ) -> list[PasskeyDoc]:
     """Complete passkey episodes of random lengths that together hold exactly ``doc_tokens``.
 
-    Each episode is ``>= min_episode_tokens`` long (longer when its key needs it); a split is only
-    made when both parts can reach that minimum, so the last episode ends at the document end.
+    Each episode is ``>= min_episode_tokens`` long (longer when its key needs it). Its length is
+    drawn uniformly from what is left; when the rest would be shorter than that minimum the episode
+    takes it too, so the last episode ends at the document end and a document may hold a single
+    episode (questions land at many positions, the document end included).
 
     Args:
         tokenizer, digits, min_depth, max_depth, append_eod: as ``make_passkey_document``.
@@ -176,8 +178,9 @@ def make_passkey_window(
     while remaining > 0:
         key = _draw_key(rng, digits)
         low = max(min_episode_tokens, episode_min_tokens(tokenizer, key, append_eod))
-        high = remaining - min_episode_tokens  # leave room for one more episode
-        length = int(rng.integers(low, high + 1)) if high >= low else remaining
+        length = int(rng.integers(low, remaining + 1)) if remaining >= low else remaining
+        if remaining - length < min_episode_tokens:
+            length = remaining  # too little left for another episode: this one takes it
         if length < low:
             raise ValueError(
                 f"--min-episode-tokens: {min_episode_tokens} is too small for key {key} "

@@ -5,8 +5,10 @@ A prompt of exactly ``length`` tokens: repeated filler sentences with one needle
 "What is the pass key? The pass key is". Two metrics per (length, depth) cell:
 
 - exact match: greedy decoding, whitespace removed, the leading run of digits equals the key;
-- token accuracy: teacher-forced argmax accuracy of the key tokens (the soft metric that shows
-  partial recovery; it and exact match should agree at the training length).
+- digit accuracy: teacher-forced argmax accuracy of the key's digit-bearing tokens (the soft
+  metric that shows partial recovery; it and exact match should agree at the training length).
+  A token without a digit (SentencePiece's lone leading "▁", the byte tokenizer's space) is not
+  scored: it is predictable without retrieving anything. Stored as ``token_accuracy``.
 
 Prompts are built at the token level (each sentence tokenized once, with a leading space so the
 pieces join like running text), which makes the length exact for any tokenizer. The length counts
@@ -28,7 +30,7 @@ from megatron_endprompt.eval.scoring import (
     Tokenizer,
     bos_ids,
     greedy_decode,
-    teacher_forced_token_accuracy,
+    teacher_forced_token_correct,
 )
 
 FILLER_SENTENCES = (
@@ -216,7 +218,7 @@ class PasskeyResult:
 def score_passkey_trial(
     logits_fn: LogitsFn, tokenizer: Tokenizer, prompt: PasskeyPrompt
 ) -> tuple[float, float]:
-    """``(exact match 0/1, teacher-forced token accuracy)`` of one trial.
+    """``(exact match 0/1, teacher-forced digit accuracy)`` of one trial.
 
     Greedy decoding runs one token past the answer so that an extra digit counts as wrong.
     """
@@ -224,8 +226,15 @@ def score_passkey_trial(
         logits_fn, prompt.ids, len(prompt.answer_ids) + 1, stop_ids=(tokenizer.eod,)
     )
     exact = float(leading_digits(tokenizer.detokenize(generated)) == prompt.key)
-    _, token_acc = teacher_forced_token_accuracy(logits_fn, prompt.ids, prompt.answer_ids)
-    return exact, token_acc
+    correct = teacher_forced_token_correct(logits_fn, prompt.ids, prompt.answer_ids)
+    scored = [ok for ok, t in zip(correct, prompt.answer_ids) if key_token(tokenizer, t)]
+    scored = scored or correct  # a tokenizer whose key pieces hold no digit text: score all
+    return exact, sum(scored) / len(scored)
+
+
+def key_token(tokenizer: Tokenizer, token_id: int) -> bool:
+    """Whether ``token_id`` carries a digit of the key (scored by the digit accuracy)."""
+    return any(ch.isdigit() for ch in tokenizer.detokenize([token_id]))
 
 
 def evaluate_passkey(

@@ -55,7 +55,7 @@ def _passkey_md(r: PasskeyResult) -> str:
     return (
         f"Trials per cell: {r.trials}, seed {r.seed}, {r.digits}-digit keys.\n\n"
         "Exact match (greedy):\n\n" + format_table(em, headers) + "\n"
-        "Token accuracy (teacher-forced):\n\n" + format_table(tok, headers)
+        "Digit accuracy (teacher-forced, the key's digit tokens):\n\n" + format_table(tok, headers)
     )
 
 

@@ -127,6 +127,21 @@ def greedy_decode(
 
 
 @torch.no_grad()
+def teacher_forced_token_correct(
+    logits_fn: LogitsFn, prompt_ids: Sequence[int], answer_ids: Sequence[int]
+) -> list[bool]:
+    """Whether each answer token is the argmax given the prompt and the true answer prefix.
+
+    One forward pass over ``prompt + answer[:-1]`` at positions 0..; the prediction for answer
+    token k is read at input position ``len(prompt) - 1 + k``.
+    """
+    prompt = _check_ids("prompt_ids", prompt_ids)
+    answer = _check_ids("answer_ids", answer_ids)
+    logits = _forward(logits_fn, prompt + answer[:-1])
+    predicted = torch.argmax(logits[len(prompt) - 1 :], dim=-1).cpu()
+    return (predicted == torch.tensor(answer, dtype=torch.long)).tolist()
+
+
 def teacher_forced_token_accuracy(
     logits_fn: LogitsFn, prompt_ids: Sequence[int], answer_ids: Sequence[int]
 ) -> tuple[bool, float]:
@@ -145,12 +160,8 @@ def teacher_forced_token_accuracy(
         ``(exact, per_token_accuracy)``: whether every answer token is the argmax, and the
         fraction that are.
     """
-    prompt = _check_ids("prompt_ids", prompt_ids)
-    answer = _check_ids("answer_ids", answer_ids)
-    logits = _forward(logits_fn, prompt + answer[:-1])
-    predicted = torch.argmax(logits[len(prompt) - 1 :], dim=-1).cpu()
-    correct = predicted == torch.tensor(answer, dtype=torch.long)
-    return bool(correct.all().item()), float(correct.double().mean().item())
+    correct = teacher_forced_token_correct(logits_fn, prompt_ids, answer_ids)
+    return all(correct), sum(correct) / len(correct)
 
 
 def _as_2d_long(name: str, value: object) -> torch.Tensor:

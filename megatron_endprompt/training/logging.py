@@ -142,6 +142,20 @@ def plot_loss_curve(
     return atomic_write(path, FigureCanvasAgg(fig).print_png)
 
 
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """``(GiB, what was measured)``: the allocator's peak on CUDA, else the process's peak RSS.
+
+    CPU torch keeps no allocation statistics; the peak resident set size (``ru_maxrss``, KiB on
+    Linux) includes the interpreter and imported libraries, so compare it only between runs of
+    the same program.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_peak_rss"
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Peak allocated GPU memory in GiB (empty on CPU, where torch does not track it)."""
     if device.type != "cuda":

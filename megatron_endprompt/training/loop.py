@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from megatron_endprompt.cli import RunConfig
 from megatron_endprompt.training import checkpoint as ckpt
 from megatron_endprompt.training.data import cycle_iterator, make_data_iterator
-from megatron_endprompt.training.logging import MetricsLogger, memory_stats, model_flops_per_token
+from megatron_endprompt.training.logging import (
+    MetricsLogger,
+    memory_stats,
+    model_flops_per_token,
+    peak_memory_gib,
+)
 from megatron_endprompt.training.runtime import Runtime, seed_everything, setup_runtime
 from megatron_endprompt.training.signals import ExitSignalHandler
 from megatron_endprompt.training.state import (
@@ -43,6 +48,10 @@ class TrainResult:
     interrupted: bool
     reporting: bool = True
     """True on the rank that sees the loss (last pipeline stage, TP/DP/CP rank 0)."""
+    peak_memory_gib: float = float("nan")
+    """This rank's peak memory (``logging.peak_memory_gib``)."""
+    peak_memory_kind: str = ""
+    """What ``peak_memory_gib`` measured: ``cuda_max_allocated`` or ``process_peak_rss``."""
 
 
 def _flops_per_token(run: RunConfig) -> float:
@@ -216,6 +225,7 @@ def train(run: RunConfig) -> TrainResult:
     if handler is not None:
         handler.restore()
     logger.close()
+    peak_gib, peak_kind = peak_memory_gib(rt.device)
     return TrainResult(
         iterations=state.iteration,
         consumed_samples=state.consumed_samples,
@@ -226,4 +236,6 @@ def train(run: RunConfig) -> TrainResult:
         checkpoint=last_path,
         interrupted=interrupted,
         reporting=rt.is_logging_rank,
+        peak_memory_gib=peak_gib,
+        peak_memory_kind=peak_kind,
     )

@@ -142,6 +142,14 @@ def test_window_packs_complete_episodes():
         make_passkey_window(BYTES, 1000, np.random.default_rng(0), 1001)
 
 
+def test_window_questions_land_at_many_positions_the_end_included():
+    # 300-token documents, episodes >= 120: one episode (question at the end) or two.
+    windows = [make_passkey_window(BYTES, 300, np.random.default_rng(s), 120) for s in range(60)]
+    assert {len(w) for w in windows} == {1, 2}
+    ends = {sum(len(e.ids) for e in w[:1]) for w in windows if len(w) == 2}
+    assert len(ends) > 10 and min(ends) >= 120 and max(ends) <= 180
+
+
 def test_tail_tokens_is_the_question_and_answer_suffix():
     for digits, eod in ((5, True), (3, False), (1, True)):
         t = tail_tokens(BYTES, digits, eod)

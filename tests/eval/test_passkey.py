@@ -195,3 +195,20 @@ def test_errors_name_the_argument():
         make_passkey_prompt(tok, 50, 0.5, seed=0, trial=0)
     with pytest.raises(ValueError, match="metric"):
         evaluate_passkey(uniform, tok, [120], [0.5], 1, 0, progress=False).mean_by_length("x")
+
+
+def test_digit_accuracy_scores_only_the_key_digits():
+    # The model predicts the leading space right, the first two digits right and then "x":
+    # 2 of 5 digits (the space is not scored; counting it would give 3 of 6).
+    def two_digits(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        logits = copying_oracle()(input_ids, position_ids)
+        data = bytes(t if t < 256 else 0 for t in input_ids[0].tolist())
+        q_end = data.rfind(QUESTION_BYTES) + len(QUESTION_BYTES)
+        for t in range(q_end - 1 + 3, input_ids.shape[1]):  # from the third digit on
+            logits[0, t] = 0.0
+            logits[0, t, ord("x")] = 30.0
+        return logits
+
+    r = evaluate_passkey(two_digits, Bytes(), [150], [0.5], trials=3, seed=2, progress=False)
+    assert r.exact_match == [[0.0]]
+    assert r.token_accuracy == [[pytest.approx(0.4)]]

@@ -1,0 +1,129 @@
+"""benchmarks/replicate_small.py: the settings it refuses, its tables, and the --quick run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import replicate_small as rs  # noqa: E402
+
+
+def test_eval_lengths_double_up_to_the_factor():
+    assert rs.Settings().eval_lengths == [128, 256, 512, 1024]
+    assert rs.Settings(s0=64, factor=4).eval_lengths == [64, 128, 256]
+    assert rs.Settings(s0=100, factor=6).eval_lengths == [100, 200, 400, 600]
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--methods", "pi_only,nope"], "--methods"),
+        (["--seeds", "1,1"], "--seeds"),
+        (["--base-iters", "0"], "--base-iters"),
+        (["--extend-iters", "-1"], "--extend-iters"),
+    ],
+)
+def test_bad_settings_name_the_flag(argv, flag, capsys):
+    assert rs.main(argv + ["--output", "/nonexistent/never-written"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_token_budget_must_divide_into_full_length_sequences():
+    with pytest.raises(ValueError, match="multiples of L = 1024"):
+        rs.check_settings(rs.Settings(tokens_per_iter=3000))
+
+
+def _report(exact, digits, ppl):
+    return {
+        "results": {
+            "passkey": {
+                "mean_exact_match_by_length": {str(k): v for k, v in exact.items()},
+                "mean_token_accuracy_by_length": {str(k): v for k, v in digits.items()},
+            },
+            "perplexity": {"bucket_edges": [0, 128, 256], "perplexity": ppl},
+        }
+    }
+
+
+def test_rows_average_seeds_and_keep_each_seed():
+    reports = [
+        _report({128: 1.0, 256: 0.5}, {128: 1.0, 256: 0.8}, [10.0, 20.0]),
+        _report({128: 0.5, 256: 0.0}, {128: 0.9, 256: 0.6}, [12.0, 30.0]),
+    ]
+    summaries = [
+        {"tokens_per_s": 100.0, "peak_memory_gib": 1.0, "final_loss": 2.0},
+        {"tokens_per_s": 300.0, "peak_memory_gib": 2.0, "final_loss": 1.0},
+    ]
+    row = rs.row_for("m", "d", reports, summaries)
+    assert row["exact_match"] == {128: 0.75, 256: 0.25}
+    assert row["digit_accuracy"] == pytest.approx({128: 0.95, 256: 0.7})
+    assert row["exact_match_per_seed"] == [{128: 1.0, 256: 0.5}, {128: 0.5, 256: 0.0}]
+    assert row["perplexity"] == [11.0, 25.0]
+    assert (row["tokens_per_s"], row["peak_memory_gib"], row["final_loss"]) == (200.0, 1.5, 1.5)
+    untrained = rs.row_for("pi_only", "d", reports[:1], [None])
+    assert untrained["tokens_per_s"] is None and untrained["seeds"] == 1
+
+
+def test_result_lines_from_rows():
+    s = rs.Settings(s0=128, factor=4)
+    base = {"method": "base", "exact_match": {128: 0.96, 256: 0.0, 512: 0.0}}
+    full = {"method": "full_length", "exact_match": {128: 1.0, 256: 0.9, 512: 0.6},
+            "tokens_per_s": 1000.0, "peak_memory_gib": 2.0}  # fmt: skip
+    tail = {"method": "endprompt_tail_fixed", "exact_match": {128: 1.0, 256: 0.5, 512: 0.2},
+            "tokens_per_s": 1500.0, "peak_memory_gib": 1.0}  # fmt: skip
+    lines = rs.result_lines(s, [base, full, tail])
+    assert "RESULT base_passkey_exact_at_s0 0.9600" in lines
+    assert "RESULT full_length_passkey_exact_mean_2x_to_4x 0.7500" in lines
+    assert "RESULT endprompt_tail_fixed_passkey_exact_at_L 0.2000" in lines
+    assert "RESULT endprompt_tail_fixed_vs_full_length_tokens_per_s_ratio 1.500" in lines
+    assert "RESULT endprompt_tail_fixed_vs_full_length_peak_memory_ratio 0.500" in lines
+
+
+@pytest.mark.slow
+def test_quick_replication_runs_every_method_on_one_budget_and_resumes(tmp_path):
+    out = tmp_path / "rep"
+    env = {**os.environ, "OUT": str(out)}
+    cmd = ["bash", os.path.join(ROOT, "examples", "replicate_small.sh"), "--quick"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    quick = tmp_path / "rep_quick"
+    payload = json.loads((quick / "replicate.json").read_text())
+    s = payload["settings"]
+    methods = [r["method"] for r in payload["rows"]]
+    assert methods == ["base", *rs.METHOD_NAMES]
+    md = (quick / "replicate.md").read_text()
+    for name in methods:
+        assert f"| {name} |" in md
+        if name != "base":
+            assert f"RESULT {name}_passkey_exact_at_L " in proc.stdout
+    assert (quick / "replicate_passkey.png").stat().st_size > 0
+    assert (quick / "replicate_perplexity.png").stat().st_size > 0
+    # The same token budget for every trained method: consumed samples x physical length.
+    length = s["s0"] * s["factor"]
+    for m in rs.METHODS:
+        if not m.trains:
+            continue
+        run = quick / "ckpt" / f"{m.name}_seed1" / "train_summary.json"
+        summary = json.loads(run.read_text())
+        seq = length if m.full_length else s["s0"]
+        assert summary["consumed_samples"] * seq == s["extend_iters"] * s["tokens_per_iter"]
+        assert summary["peak_memory_gib"] > 0
+    for r in payload["rows"]:
+        for n, v in r["exact_match"].items():
+            assert 0.0 <= v <= 1.0 and 0.0 <= r["digit_accuracy"][n] <= 1.0
+        assert all(p > 1.0 for p in r["perplexity"])
+    # --resume reuses every finished step and reproduces the same numbers.
+    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "reusing" in again.stdout and "[replicate] evaluate" not in again.stdout
+    assert json.loads((quick / "replicate.json").read_text())["rows"] == payload["rows"]
+    # ... but not into a folder made with other settings.
+    other = subprocess.run(cmd + ["--resume", "--extend-iters", "3"], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert other.returncode == 2 and "other settings (extend_iters" in other.stderr

@@ -56,6 +56,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_endprompt.cli_utils import parse_csv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = ["--tokenizer-type", "SentencePieceTokenizer"]
 
@@ -253,7 +255,8 @@ def run_step(name: str, cmd: list[str], log_path: str) -> str:
         "OMP_NUM_THREADS", str(os.cpu_count() or 1)))  # fmt: skip
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    text = open(log_path, encoding="utf-8").read()
+    with open(log_path, encoding="utf-8") as log:
+        text = log.read()
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-15:])
         raise StepFailed(f"{name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
@@ -279,8 +282,7 @@ def prepare_data(s: Settings, out: str, logs: str, resume: bool) -> dict[str, An
     }
     done = os.path.join(data, "done.json")
     if resume and os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
-            return json.load(f)
+        return _read_json(done)
     jsonl = os.path.join(data, "corpus.jsonl")
     run_step(
         "corpus",
@@ -324,9 +326,9 @@ def prepare_data(s: Settings, out: str, logs: str, resume: bool) -> dict[str, An
             "--min-episode-tokens", str(s.min_episode_tokens), "--seed", str(seed),
             "--digits", str(s.digits)],
             os.path.join(logs, f"{key}.log"))  # fmt: skip
-        paths["tail_tokens"] = int(text.rsplit("--endprompt-tail-length) = ", 1)[1].split()[0])
-    with open(done, "w", encoding="utf-8") as f:
-        json.dump(paths, f, indent=2)
+    # Both corpora print the same tail length (it depends on the tokenizer and digits only).
+    paths["tail_tokens"] = int(text.rsplit("--endprompt-tail-length) = ", 1)[1].split()[0])
+    _write_json(done, paths)
     return paths
 
 
@@ -376,13 +378,11 @@ def _done(ckpt: str) -> str:
 def train_run(name: str, cmd: list[str], ckpt: str, logs: str, resume: bool) -> dict[str, Any]:
     """Train (or, with ``resume``, reuse a finished run); returns its TRAIN_SUMMARY."""
     if resume and os.path.isfile(_done(ckpt)):
-        with open(_done(ckpt), encoding="utf-8") as f:
-            print(f"[replicate] {name}: reusing {ckpt}", flush=True)
-            return json.load(f)
+        print(f"[replicate] {name}: reusing {ckpt}", flush=True)
+        return _read_json(_done(ckpt))
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = _summary(run_step(name, cmd + ["--save", ckpt], os.path.join(logs, f"{name}.log")))
-    with open(_done(ckpt), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(_done(ckpt), summary)
     return summary
 
 
@@ -440,8 +440,7 @@ def evaluate(
         if scaling:
             cmd += rope_flags(s, scaling)
         run_step(f"evaluate {name}", cmd, os.path.join(logs, f"eval_{name}.log"))
-    with open(report, encoding="utf-8") as f:
-        return json.load(f)
+    return _read_json(report)
 
 
 # ------------------------------------------------------------------------------- results
@@ -609,9 +608,19 @@ def result_lines(s: Settings, rows: list[dict]) -> list[str]:
 
 
 def _write(path: str, text: str) -> None:
+    """Write ``text`` atomically: a marker or report is complete or absent, never half-written."""
     from megatron_endprompt.atomic_io import atomic_write_text
 
     atomic_write_text(path, text)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, payload: Any) -> None:
+    _write(path, json.dumps(payload, indent=2) + "\n")
 
 
 def replicate(s: Settings, out: str, resume: bool) -> list[str]:
@@ -619,20 +628,18 @@ def replicate(s: Settings, out: str, resume: bool) -> list[str]:
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     settings_path = os.path.join(out, "settings.json")
-    settings = json.dumps(dataclasses.asdict(s), indent=2, sort_keys=True)
+    settings = dataclasses.asdict(s)
     if resume and os.path.isfile(settings_path):
-        with open(settings_path, encoding="utf-8") as f:
-            before = json.load(f)
+        before = _read_json(settings_path)
         # More seeds or methods reuse what is done; any other change would mix settings.
-        after = json.loads(settings)
-        changed = sorted(k for k in set(before) | set(after)
-                         if k not in RESUMABLE and before.get(k) != after.get(k))  # fmt: skip
+        changed = sorted(k for k in set(before) | set(settings)
+                         if k not in RESUMABLE and before.get(k) != settings.get(k))  # fmt: skip
         if changed:
             raise ValueError(
                 f"--resume: {out} was made with other settings ({', '.join(changed)}; see "
                 f"{settings_path})"
             )
-    _write(settings_path, settings + "\n")
+    _write_json(settings_path, settings)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     paths = prepare_data(s, out, logs, resume)
@@ -659,20 +666,13 @@ def replicate(s: Settings, out: str, resume: bool) -> list[str]:
     _write(os.path.join(out, "replicate.md"), md)
     payload = {"settings": dataclasses.asdict(s), "base_train": base, "rows": rows,
                "tail_tokens": paths["tail_tokens"], "elapsed_s": elapsed}  # fmt: skip
-    _write(os.path.join(out, "replicate.json"), json.dumps(payload, indent=2) + "\n")
+    _write_json(os.path.join(out, "replicate.json"), payload)
     pngs = plot(rows, os.path.join(out, "replicate_passkey.png"),
                 os.path.join(out, "replicate_perplexity.png"))  # fmt: skip
     print(md)
     print("wrote " + ", ".join([os.path.join(out, "replicate.md"),
                                 os.path.join(out, "replicate.json"), *pngs]))  # fmt: skip
     return result_lines(s, rows)
-
-
-def _csv(text: str, cast: type, flag: str) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{flag}: {err}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -693,9 +693,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings: defaults, then --quick, then explicit flags."""
     s = Settings(**(QUICK if args.quick else {}))
     if args.seeds:
-        s.seeds = _csv(args.seeds, int, "--seeds")
+        s.seeds = parse_csv(args.seeds, "--seeds", int)
     if args.methods:
-        s.methods = _csv(args.methods, str, "--methods")
+        s.methods = parse_csv(args.methods, "--methods", str)
     for flag in ("base_iters", "extend_iters", "eval_trials"):
         if getattr(args, flag) is not None:
             setattr(s, flag, getattr(args, flag))
@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from_args(args)
         lines = replicate(s, os.path.abspath(args.output), args.resume)
-    except (ValueError, argparse.ArgumentTypeError, StepFailed) as err:
+    except (ValueError, StepFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -158,3 +158,14 @@ def run_tool(action: Callable[[], Any], errors: tuple[type[BaseException], ...] 
         return 130
     print(result.summary() if hasattr(result, "summary") else result)
     return 0
+
+
+def parse_csv(text: str, flag: str, cast: type) -> list:
+    """``"a,b"`` -> ``[cast(a), cast(b)]``; ValueError naming ``flag`` when bad or empty."""
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated values") from err
+    if not values:
+        raise ValueError(f"{flag} {text!r}: must not be empty")
+    return values

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from megatron_endprompt.atomic_io import atomic_write_text
+from megatron_endprompt.cli_utils import parse_csv
 
 TASKS = ("passkey", "needle", "perplexity")
 
@@ -35,16 +36,6 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # noqa: D102 (argparse hook)
         raise UsageError(message)
-
-
-def _csv(text: str, flag: str, cast: type) -> list:
-    try:
-        values = [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from err
-    if not values:
-        raise UsageError(f"{flag} {text!r}: must not be empty")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,13 +81,13 @@ def _check_args(args: argparse.Namespace) -> None:
     """Cross-flag rules; fills the parsed lists onto ``args``."""
     if bool(args.load) == bool(args.hf_dir):
         raise UsageError("give exactly one of --load and --hf-dir")
-    args.task_list = _csv(args.tasks, "--tasks", str)
+    args.task_list = parse_csv(args.tasks, "--tasks", str)
     for task in args.task_list:
         if task not in TASKS:
             raise UsageError(f"--tasks {args.tasks!r}: {task!r} is not one of {', '.join(TASKS)}")
-    args.length_list = _csv(args.lengths, "--lengths", int)
-    args.depth_list = _csv(args.depths, "--depths", float)
-    args.needle_list = _csv(args.needle_tasks, "--needle-tasks", str)
+    args.length_list = parse_csv(args.lengths, "--lengths", int)
+    args.depth_list = parse_csv(args.depths, "--depths", float)
+    args.needle_list = parse_csv(args.needle_tasks, "--needle-tasks", str)
     if args.ppl_length is None:
         args.ppl_length = max(args.length_list)
     for name in ("trials", "passkey_digits", "ppl_max_windows", "ppl_batch_size", "ppl_length"):

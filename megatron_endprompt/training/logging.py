@@ -160,4 +160,4 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     """Peak allocated GPU memory in GiB (empty on CPU, where torch does not track it)."""
     if device.type != "cuda":
         return {}
-    return {"mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"mem_peak_gib": peak_memory_gib(device)[0]}

@@ -30,7 +30,7 @@ setup(
         "psutil>=5.9",  # megatron-core's dist-checkpoint writer needs it (undeclared there)
     ],
     extras_require={
-        "te": ["transformer-engine[pytorch]>=2.0"],
+        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],  # the range megatron-core 0.16.1 supports
         "hf": HF,
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"] + HF,
     },

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from megatron_endprompt.cli_utils import Flag, add_dataclass_args, dataclass_from_args
 from megatron_endprompt.config import ModelConfig, ParallelConfig, RopeScalingConfig
+from megatron_endprompt.fp8 import check_fp8_shapes
 from megatron_endprompt.run_config import (
     CheckpointConfig,
     DataConfig,
@@ -209,6 +210,15 @@ def _validate_batch(run: RunConfig) -> None:
             f"--global-batch-size={t.global_batch_size} is not divisible by --micro-batch-size="
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
+    pp, m = p.pipeline_model_parallel_size, run.num_microbatches
+    if p.virtual_pipeline_model_parallel_size and m % pp:
+        # megatron-core's interleaved schedule runs micro-batches in groups of PP per virtual
+        # stage and refuses a partial last group.
+        _fail(
+            f"--num-layers-per-virtual-pipeline-stage: the interleaved schedule needs the "
+            f"micro-batches per iteration (--global-batch-size / (--micro-batch-size x DP) = {m}) "
+            f"to be a multiple of --pipeline-model-parallel-size={pp}"
+        )
 
 
 def _validate_lengths(run: RunConfig) -> None:
@@ -226,6 +236,8 @@ def _validate_backend(run: RunConfig) -> None:
     p, t, impl = run.parallel, run.training, run.model.transformer_impl
     if t.fp8_format is not None and impl != "te":
         _fail(f"--fp8-format={t.fp8_format} needs --transformer-impl te")
+    if t.fp8_format is not None:
+        check_fp8_shapes(run.model, p, t)
     if p.context_parallel_size > 1 and impl != "te":
         _fail("--context-parallel-size > 1 needs --transformer-impl te (TE's CP attention)")
     if run.device != "cpu":

@@ -254,6 +254,9 @@ class CheckpointConfig:
     """Load weights only; reset iteration, consumed samples, optimizer and scheduler."""
     exit_signal_handler: bool = True
     """On SIGTERM: save a checkpoint and exit 0."""
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """CUDA, --use-distributed-optimizer: store the optimizer state so it loads at any TP/PP
+    (gathered on DP rank 0; Megatron-LM's flag). Default: reshardable along DP only."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "--save-interval", self.save_interval, "must be >= 0")

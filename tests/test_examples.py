@@ -1,9 +1,13 @@
 """The README's main job and the launch examples keep working (so the docs never rot)."""
 
 import os
+import shlex
+import shutil
 import subprocess
 
 import pytest
+
+from megatron_endprompt.cli import parse_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,3 +64,48 @@ def test_quickstart_smoke(tmp_path):
     assert os.path.isfile(
         tmp_path / "qs_smoke" / "ckpt_endprompt" / "latest_checkpointed_iteration.txt"
     )
+
+
+GPU_CHECKS = os.path.join(ROOT, "scripts", "gpu_checks.sh")
+
+
+def test_gpu_checks_script_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", GPU_CHECKS], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", GPU_CHECKS], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_gpu_checks_training_runs_pass_the_training_parser(tmp_path):
+    # --print-train-argv lists every training run (TE and FP8 assumed present) and runs nothing.
+    out = tmp_path / "gpu_checks"
+    proc = subprocess.run(
+        ["bash", GPU_CHECKS, "--print-train-argv", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not out.exists()  # nothing was run or written
+    runs = {}
+    for line in proc.stdout.splitlines():
+        tag, name, *argv = shlex.split(line)
+        assert tag == "TRAIN_ARGV" and argv[:2] == ["-m", "megatron_endprompt.train"], line
+        # Full validation as on a one-GPU machine: flag names, values, FP8 shapes, batch sizes.
+        runs[name] = parse_run_config(argv[2:], world_size=1, cuda_available=True)
+    assert {r.device for r in runs.values()} == {"cuda"}
+    assert runs["te_fused_rope_bf16"].model.transformer_impl == "te"
+    assert not runs["te_fused_rope_bf16"].endprompt.is_per_sample_random
+    assert runs["te_unfused_per_sample_bf16"].endprompt.is_per_sample_random
+    assert {runs[f"fp8_{r}"].training.fp8_recipe for r in ("delayed", "tensorwise")} == {
+        "delayed",
+        "tensorwise",
+    }
+    assert runs["recompute_full"].training.recompute_granularity == "full"
+    assert runs["recompute_selective"].training.recompute_granularity == "selective"
+    saved, resumed = runs["distopt_save_at_10"], runs["distopt_resume_to_20"]
+    straight = runs["distopt_straight_20"]
+    assert saved.training.exit_interval == 10 and resumed.checkpoint.load == saved.checkpoint.save
+    for run in (saved, resumed, straight):
+        assert run.parallel.use_distributed_optimizer and run.train_iters == 20

@@ -32,24 +32,33 @@ class EndPromptGPTModel(GPTModel):
         config: megatron-core transformer config (``softmax_scale`` already carries the YaRN
             temperature, see :func:`transformer_config`).
         rotary: Position-aware rotary embedding matching ``config``.
+        batch_shared_positions: Whether every micro-batch of the run has one layout for all its
+            rows (a fact of the run's data, decided once). None: decided per batch from the
+            values. ``config.apply_rope_fusion`` (TE's fused kernel takes one [s, 1, 1, d]
+            tensor) requires True; the config is never changed after construction.
         **kwargs: Forwarded to ``GPTModel`` (layer spec, vocab size, stages, ...).
     """
 
     def __init__(
-        self, config: TransformerConfig, rotary: PositionRotaryEmbedding, **kwargs
+        self,
+        config: TransformerConfig,
+        rotary: PositionRotaryEmbedding,
+        batch_shared_positions: bool | None = None,
+        **kwargs,
     ) -> None:
+        if config.apply_rope_fusion and not batch_shared_positions:
+            raise ValueError(
+                "apply_rope_fusion needs batch_shared_positions=True: TE's fused RoPE takes one "
+                "position layout per micro-batch"
+            )
         kwargs["position_embedding_type"] = "none"
         super().__init__(config=config, **kwargs)
         self.position_rotary_emb = rotary
-        # The user's request; switched off per forward for per-row layouts (TE's fused kernel
-        # takes one [s, 1, 1, d] tensor for the whole batch).
-        self._rope_fusion_requested = bool(config.apply_rope_fusion)
+        self.batch_shared_positions = batch_shared_positions
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):  # noqa: ANN001, ANN202
         output = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-        rotary_pos_emb = self.position_rotary_emb(position_ids)
-        # Same config object in every layer: one switch covers the whole decoder for this pass.
-        self.config.apply_rope_fusion = self._rope_fusion_requested and rotary_pos_emb.shape[1] == 1
+        rotary_pos_emb = self.position_rotary_emb(position_ids, shared=self.batch_shared_positions)
         return (output[0], rotary_pos_emb) + tuple(output[2:])
 
     def forward(
@@ -219,6 +228,7 @@ def build_model(
     post_process: bool | None = None,
     vp_stage: int | None = None,
     seed: int | None = 1234,
+    batch_shared_positions: bool | None = None,
     **config_overrides,
 ) -> EndPromptGPTModel:
     """Build this rank's EndPromptGPTModel (its TP shard and pipeline stage).
@@ -234,6 +244,8 @@ def build_model(
         vp_stage: Virtual pipeline chunk index (interleaved schedule), else None.
         seed: Seeds weight initialisation (``device.model_parallel_seed``; this resets torch's
             global RNG). None leaves the RNG state alone.
+        batch_shared_positions: See :class:`EndPromptGPTModel` (required True with
+            ``apply_rope_fusion=True``).
         **config_overrides: Extra TransformerConfig fields (see :func:`transformer_config`).
 
     Returns:
@@ -245,8 +257,9 @@ def build_model(
     from megatron.core import parallel_state as ps
 
     parallel_config = parallel_config or ParallelConfig()
-    config = transformer_config(model_config, parallel_config, **config_overrides)
+    # The spec first: a missing Transformer Engine gets our install hint, not megatron's error.
     spec = get_layer_spec(model_config.transformer_impl, model_config.normalization)
+    config = transformer_config(model_config, parallel_config, **config_overrides)
     device.ensure_model_parallel(parallel_config)
     if seed is not None:
         device.model_parallel_seed(seed)
@@ -258,6 +271,7 @@ def build_model(
     model = EndPromptGPTModel(
         config,
         build_rotary(model_config),
+        batch_shared_positions=batch_shared_positions,
         transformer_layer_spec=spec,
         vocab_size=model_config.padded_vocab_size(tp),
         max_sequence_length=model_config.max_position_embeddings,

@@ -269,6 +269,7 @@ class PositionRotaryEmbedding(torch.nn.Module):
         self.register_buffer(
             "inv_freq", torch.from_numpy(self._inv_freq_np.copy()), persistent=False
         )
+        self._values_checked = False
 
     @property
     def attention_scaling(self) -> float:
@@ -300,29 +301,48 @@ class PositionRotaryEmbedding(torch.nn.Module):
         state_dict.pop(f"{prefix}inv_freq", None)
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, position_ids_bs: torch.Tensor) -> torch.Tensor:
+    def forward(self, position_ids_bs: torch.Tensor, shared: bool | None = None) -> torch.Tensor:
         """Map position ids to megatron-core's rotary frequency tensor.
 
         Args:
             position_ids_bs: Integer position ids [b, s], non-negative.
+            shared: Whether every row has the same layout, when the caller knows it for the whole
+                run (``True``: [s, 1, 1, d] from row 0; ``False``: always [s, b, 1, d]). None:
+                decided from the values. The values are checked (non-negative; equal rows when
+                declared shared) on CPU tensors, when ``shared`` is None, and on the first call
+                on an accelerator; later declared calls on an accelerator need no host
+                synchronisation.
 
         Returns:
-            float32 angles on the device of ``position_ids_bs``: [s, 1, 1, d_rot] if all rows are
-            equal, else [s, b, 1, d_rot]. Layout [freqs, freqs] (or interleaved), as megatron-core.
+            float32 angles on the device of ``position_ids_bs``: [s, 1, 1, d_rot] if the layout is
+            shared, else [s, b, 1, d_rot]. Layout [freqs, freqs] (or interleaved), as megatron-core.
 
         Raises:
-            ValueError: If ``position_ids_bs`` is not 2-D integer or holds negative values.
+            ValueError: If ``position_ids_bs`` is not 2-D integer, holds negative values, or its
+                rows differ although ``shared=True``.
         """
         _check_position_ids(position_ids_bs)
-        # One host synchronisation for both data-dependent checks.
-        negative, shared = torch.stack(
-            [(position_ids_bs < 0).any(), (position_ids_bs == position_ids_bs[:1]).all()]
-        ).tolist()
-        if negative:
-            raise ValueError(f"position_ids must be >= 0, got minimum {int(position_ids_bs.min())}")
+        on_cpu = position_ids_bs.device.type == "cpu"
+        if shared is None or on_cpu or not self._values_checked:
+            # One host synchronisation for both data-dependent checks.
+            negative, equal = torch.stack(
+                [(position_ids_bs < 0).any(), (position_ids_bs == position_ids_bs[:1]).all()]
+            ).tolist()
+            if negative:
+                raise ValueError(
+                    f"position_ids must be >= 0, got minimum {int(position_ids_bs.min())}"
+                )
+            if shared and not equal:
+                raise ValueError(
+                    "position_ids rows differ, but the run declared a batch-shared layout "
+                    "(fused RoPE needs one layout per micro-batch)"
+                )
+            if shared is None:
+                shared = equal
+            elif not on_cpu:
+                self._values_checked = True
         rows_bs = position_ids_bs[:1] if shared else position_ids_bs
-        inv_freq = self.inv_freq.to(position_ids_bs.device)
-        angles_sbf = rotary_angles(rows_bs.t(), inv_freq)
+        angles_sbf = rotary_angles(rows_bs.t(), self.inv_freq.to(position_ids_bs.device))
         if self.rotary_interleaved:
             emb_sbd = angles_sbf.repeat_interleave(2, dim=-1)
         else:

@@ -128,12 +128,27 @@ def save_checkpoint(
         os.replace(path + ".part", path)
     _barrier()
     if _is_rank0():
-        shutil.rmtree(final, ignore_errors=True)  # an older save of the same iteration
-        os.replace(tmp, final)
-        atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
-        if keep_last is not None:
-            prune_checkpoints(save_dir, keep_last)
+        publish_iteration(save_dir, iteration, tmp, keep_last)
     _barrier()
+    return final
+
+
+def publish_iteration(save_dir: str, iteration: int, tmp: str, keep_last: int | None) -> str:
+    """Rename the complete ``tmp`` directory to ``iter_N``, move the tracker, prune (rank 0).
+
+    Shared by both checkpoint formats. An older save of the same iteration is first moved
+    aside and deleted only after the new one is in place and the tracker names it.
+    """
+    final = iteration_dir(save_dir, iteration)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if keep_last is not None:
+        prune_checkpoints(save_dir, keep_last)
     return final
 
 
@@ -179,6 +194,8 @@ def stored_iteration_dir(load_dir: str, iteration: int) -> str:
     release = os.path.join(load_dir, "release")
     if iteration == 0 and not os.path.isdir(base) and os.path.isdir(release):
         return release
+    if not os.path.isdir(base) and os.path.isdir(base + ".old"):
+        return base + ".old"  # killed while re-saving this iteration (see publish_iteration)
     return base
 
 

@@ -12,6 +12,9 @@ Everything device-specific lives here so the model, data and loss code stay devi
   full model still depends on the TP size: the vocabulary is padded per TP size, which shifts
   later draws. To compare layouts, load the same weights, as tests/model/test_tp.py does.)
 * ``default_transformer_impl``: ``te`` when CUDA and Transformer Engine are available.
+* ``accelerator``: the torch device and process-group backend of ``--device``; the one place that
+  maps ``cuda`` to a device (the CUDA-emulation tests answer CPU/gloo here).
+* ``synchronize``, ``move_to_device``: the few CUDA calls the training path makes itself.
 """
 
 from __future__ import annotations
@@ -47,6 +50,37 @@ def default_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
 
+def accelerator(device_type: str) -> tuple[torch.device, str]:
+    """(torch device of this process, process-group backend) for ``--device``.
+
+    ``cuda``: the GPU of ``LOCAL_RANK`` (torchrun) and NCCL; ``cpu``: CPU and gloo.
+    """
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank), "nccl"
+    if device_type != "cpu":
+        raise ValueError(f"--device={device_type!r}: must be cpu or cuda")
+    return torch.device("cpu"), "gloo"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def move_to_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a built model chunk to ``device`` before mixed-precision and DDP wrapping.
+
+    megatron-core creates its parallel linear layers on the current CUDA device, but torch
+    modules of the local spec (``torch.nn.RMSNorm``) land on the CPU; Megatron-LM's ``get_model``
+    moves every chunk to ``torch.cuda.current_device()`` before ``Float16Module``/DDP, as here.
+    """
+    if device.type == "cuda":
+        return module.cuda(torch.cuda.current_device())
+    return module.to(device)
+
+
 def free_port() -> int:
     """An unused local TCP port (for single-node rendezvous)."""
     with socket.socket() as s:
@@ -75,13 +109,13 @@ def init_distributed(
     Raises:
         ValueError: If ``backend`` is unknown, or nccl is requested without CUDA.
     """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     backend = backend or default_backend()
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend={backend!r}: must be gloo or nccl")
     if backend == "nccl" and not cuda_available():
         raise ValueError("backend='nccl' needs CUDA; use gloo on CPU")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if port is None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
@@ -114,6 +148,8 @@ def initialize_model_parallel(
             ps.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
             and ps.get_pipeline_model_parallel_world_size() == pipeline_model_parallel_size
             and ps.get_context_parallel_world_size() == context_parallel_size
+            and ps.get_virtual_pipeline_model_parallel_world_size()
+            == virtual_pipeline_model_parallel_size
         )
         if same:
             return

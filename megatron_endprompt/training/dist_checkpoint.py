@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_endprompt.atomic_io import atomic_write_text
 from megatron_endprompt.training import checkpoint as ckpt
+from megatron_endprompt.training.device import synchronize
 
 
 def _model_keys(n: int) -> list[str]:
@@ -53,21 +53,56 @@ def _layout(rt) -> list[int]:
     return [rt.pp_size, rt.tp_size]
 
 
+def sharding_metadata(run) -> dict[str, Any]:
+    """The content metadata of a save, as Megatron-LM core_v0.16.1 builds it.
+
+    With the distributed optimizer, ``dp_reshardable`` (Megatron-LM's default: parallel save and
+    load, resharding along DP only) or, with ``--dist-ckpt-optim-fully-reshardable``,
+    ``fully_reshardable`` (gathered on DP rank 0; loads at any TP/PP). Without this metadata
+    megatron-core 0.16.1 falls back to ``fully_sharded_model_space``, whose flattened tensors its
+    own writer rejects. Stored in the checkpoint (``content_metadata``) and read back on load, so
+    a checkpoint is always loaded with the metadata it was saved with.
+    """
+    metadata: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if run.parallel.use_distributed_optimizer:
+        fully = run.checkpoint.dist_ckpt_optim_fully_reshardable
+        metadata["distrib_optim_sharding_type"] = "fully_reshardable" if fully else "dp_reshardable"
+    return metadata
+
+
+def _with_groups(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Metadata plus the live DP x CP group TE's layers ask for (never serialised)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    return {**(metadata or {}), "dp_cp_group": group}
+
+
 def sharded_state(
-    run, rt, objs, state, for_load: bool = False, load_rng: bool = True
+    run,
+    rt,
+    objs,
+    state,
+    for_load: bool = False,
+    load_rng: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sharded state dict of model chunks, optimizer, scheduler, RNG and progress.
 
     ``load_rng=False`` leaves the RNG states out of a load (saved with another (PP, TP) grid,
-    whose ShardedObject keys this run cannot address).
+    whose ShardedObject keys this run cannot address). ``metadata``: the content metadata (the
+    run's :func:`sharding_metadata` on save, the checkpoint's own on load).
     """
+    metadata = _with_groups(sharding_metadata(run) if metadata is None else metadata)
     chunks = objs.module  # unwrapped (no DDP / Float16Module): keys without "module."
     sd: dict[str, Any] = {}
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
-        sd[key] = chunk.sharded_state_dict()
+        sd[key] = chunk.sharded_state_dict(metadata=metadata)
     model_sd = sd if len(chunks) > 1 else sd["model"]
     if not (for_load and (run.checkpoint.finetune or run.checkpoint.no_load_optim)):
-        sd["optimizer"] = objs.optimizer.sharded_state_dict(model_sd, is_loading=for_load)
+        sd["optimizer"] = objs.optimizer.sharded_state_dict(
+            model_sd, is_loading=for_load, metadata=metadata
+        )
         sd["opt_param_scheduler"] = objs.scheduler.state_dict()
     if not (for_load and (run.checkpoint.finetune or run.checkpoint.no_load_rng or not load_rng)):
         sd["rng_state"] = _rng_sharded(rt)
@@ -75,6 +110,7 @@ def sharded_state(
     sd["consumed_samples"] = state.consumed_samples
     if not for_load:
         sd["rng_layout"] = _layout(rt)
+        sd["run_config"] = run.to_dict()
     return sd
 
 
@@ -89,18 +125,79 @@ def save(run, rt, objs, state) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    dist_checkpointing.save(sharded_state(run, rt, objs, state), tmp)
+    metadata = sharding_metadata(run)
+    dist_checkpointing.save(
+        sharded_state(run, rt, objs, state, metadata=metadata), tmp, content_metadata=metadata
+    )
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(
-            os.path.join(run.checkpoint.save, ckpt.TRACKER), f"{state.iteration}\n", fsync=True
+        ckpt.publish_iteration(
+            run.checkpoint.save, state.iteration, tmp, keep_last=run.checkpoint.keep_last
         )
-        if run.checkpoint.keep_last:
-            ckpt.prune_checkpoints(run.checkpoint.save, run.checkpoint.keep_last)
     dist.barrier()
     return final
+
+
+def _check_layout_change(run, rt, saved_layout, metadata: dict[str, Any] | None, path: str) -> None:
+    """A dp_reshardable distributed-optimizer state cannot move to another (PP, TP) layout."""
+    c = run.checkpoint
+    if saved_layout is None or list(saved_layout) == _layout(rt):
+        return
+    if c.finetune or c.no_load_optim:
+        return
+    sharding = (metadata or {}).get("distrib_optim_sharding_type")
+    if sharding is not None and sharding != "fully_reshardable":
+        raise ValueError(
+            f"--load={c.load}: {path} was saved at (PP, TP) = {tuple(saved_layout)} with the "
+            f"distributed optimizer's {sharding!r} state, which only reshards along DP; this run "
+            f"has (PP, TP) = {tuple(_layout(rt))}. Load it with --no-load-optim (weights, "
+            "scheduler restarts) or save with --dist-ckpt-optim-fully-reshardable"
+        )
+
+
+def _torch_adam_distributed(optimizer):
+    """(DistributedOptimizer, its inner torch Adam) pairs: megatron-core's no-TE/Apex fallback."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
+            yield opt, inner
+
+
+def _prime_fresh_torch_adam(optimizer) -> None:
+    """Give a fresh distributed optimizer's torch Adam state entries with a ``step``.
+
+    Without Transformer Engine or Apex, megatron-core 0.16.1 falls back to torch Adam, and its
+    ``DistributedOptimizer.state_dict()`` (called while building the load state dict) reads the
+    ``step`` of every state entry: a freshly built optimizer has none and fails an assertion.
+    Zeros are enough; the checkpoint's values replace them in place.
+    """
+    for _, inner in _torch_adam_distributed(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                entry = inner.state[param]
+                if "step" not in entry:
+                    entry.setdefault("exp_avg", torch.zeros_like(param))
+                    entry.setdefault("exp_avg_sq", torch.zeros_like(param))
+                    entry["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _restore_torch_adam_steps(optimizer) -> None:
+    """Per-parameter Adam ``step`` tensors from the loaded param groups (torch Adam fallback).
+
+    megatron-core 0.16.1 stores the step in the param groups; on load it gives every state entry
+    ONE shared step tensor, then its dp_reshardable loader copies the load-time placeholder over
+    it (the step is a non-persistent local object there). The result is step 0, and a tensor
+    that torch Adam would increment once per parameter. Rebuilt here from the groups.
+    """
+    for _, inner in _torch_adam_distributed(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                if param in inner.state:
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def load(run, rt, objs, state) -> bool:
@@ -110,29 +207,42 @@ def load(run, rt, objs, state) -> bool:
     iteration = ckpt.read_tracker(run.checkpoint.load)
     if iteration is None:
         return False
-    path = ckpt.iteration_dir(run.checkpoint.load, iteration)
+    path = ckpt.stored_iteration_dir(run.checkpoint.load, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load: tracker names {path}, which does not exist")
     if os.path.isdir(os.path.join(path, ckpt.ShardRank(rt.tp_rank, rt.pp_rank).shard_name)):
         return _load_legacy(run, rt, objs, state, iteration)
-    saved_layout = dist_checkpointing.load_common_state_dict(path).get("rng_layout")
+    common = dist_checkpointing.load_common_state_dict(path)
+    ckpt.check_checkpoint_model(run.model, common, run.checkpoint.load)
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
+    saved_layout = common.get("rng_layout")
+    _check_layout_change(run, rt, saved_layout, metadata, path)
     load_rng = saved_layout is None or list(saved_layout) == _layout(rt)
-    if not load_rng and rt.is_logging_rank:
+    c = run.checkpoint
+    if not (c.finetune or c.no_load_optim):
+        _prime_fresh_torch_adam(objs.optimizer)
+    if not load_rng and rt.is_logging_rank and not (c.finetune or c.no_load_rng):
         print(
             f"--load: checkpoint saved with (PP, TP) = {tuple(saved_layout)}, this run has "
             f"{tuple(_layout(rt))}: its RNG states are not loaded",
             flush=True,
         )
     loaded = dist_checkpointing.load(
-        sharded_state(run, rt, objs, state, for_load=True, load_rng=load_rng), path
+        sharded_state(
+            run, rt, objs, state, for_load=True, load_rng=load_rng, metadata=metadata or {}
+        ),
+        path,
     )
     for key, chunk in zip(_model_keys(len(objs.module)), objs.module):
         chunk.load_state_dict(loaded[key], strict=True)
     # dist_checkpointing.load returns the WHOLE common state (the optimizer's non-sharded part
     # and the scheduler included) whatever was asked for: decide by the flags, not by the keys.
-    c = run.checkpoint
     if not (c.finetune or c.no_load_optim):
-        objs.optimizer.load_state_dict(loaded["optimizer"])
+        # Copies into the main params; with fp32 parameters those are views of the model's
+        # leaf parameters (megatron-core's dp_reshardable loader does not disable autograd).
+        with torch.no_grad():
+            objs.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_steps(objs.optimizer)
         objs.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     else:
         # Weights only: the optimizer's fp32 main params (bf16/fp16) still hold the initial
@@ -145,7 +255,7 @@ def load(run, rt, objs, state) -> bool:
     if not run.checkpoint.finetune:
         state.iteration = int(loaded["iteration"])
         state.consumed_samples = int(loaded["consumed_samples"])
-    torch.cuda.synchronize()
+    synchronize(rt.device)
     return True
 
 

@@ -41,6 +41,8 @@ class TrainResult:
     iterations: int
     consumed_samples: int
     losses: list[float]
+    grad_norms: list[float]
+    """Gradient norm (before clipping) of each iteration run by this process."""
     final_loss: float
     valid_loss: float | None
     tokens_per_s: float
@@ -193,13 +195,17 @@ def train(run: RunConfig) -> TrainResult:
     )
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
     meter = _Meter(t.global_batch_size * run.model.seq_length)
-    losses, last_path, interrupted, valid_loss = [], None, False, None
+    losses, grad_norms, last_path, interrupted, valid_loss = [], [], None, False, None
     while state.iteration < run.train_iters:
         metrics = step(train_iter)
-        objs.scheduler.step(increment=t.global_batch_size)
+        if not metrics.get("skipped"):
+            # As Megatron-LM: the LR schedule advances only on a successful update (an fp16
+            # overflow skips the step); iterations and consumed samples always advance.
+            objs.scheduler.step(increment=t.global_batch_size)
         state.iteration += 1
         state.consumed_samples += t.global_batch_size
         losses.append(metrics["loss"])
+        grad_norms.append(metrics["grad_norm"])
         meter.tick()
         if _due(run.logging.log_interval, state.iteration) or state.iteration == run.train_iters:
             _log(run, rt, logger, objs, state, metrics, meter)
@@ -230,6 +236,7 @@ def train(run: RunConfig) -> TrainResult:
         iterations=state.iteration,
         consumed_samples=state.consumed_samples,
         losses=losses,
+        grad_norms=grad_norms,
         final_loss=losses[-1] if losses else float("nan"),
         valid_loss=valid_loss,
         tokens_per_s=meter.overall(),

@@ -71,8 +71,9 @@ def microbatch_objective(
         iteration (and ranks) and divide by W to report the loss.
     """
     weighted = weighted_loss_sum(per_token_loss_bs, loss_mask_bs)
-    if float(weight_total) <= 0.0:
-        # Every weight of the global batch is zero (padding only): nothing to learn from.
-        return weighted * 0.0, weighted.detach()
-    objective = weighted * (grad_scale / weight_total.to(weighted.dtype))
+    # No host synchronisation: when every weight of the global batch is zero (padding only),
+    # there is nothing to learn from: the scale is 0 instead of a division by zero.
+    positive = weight_total > 0
+    scale = torch.where(positive, grad_scale / torch.where(positive, weight_total, 1.0), 0.0)
+    objective = weighted * scale.to(weighted.dtype)
     return objective, weighted.detach()

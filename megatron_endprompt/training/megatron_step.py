@@ -18,13 +18,28 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_endprompt.training.device import move_to_device
 from megatron_endprompt.training.loss import global_weight_sum, microbatch_objective
 from megatron_endprompt.training.runtime import Runtime
 from megatron_endprompt.training.step import StepShape, fetch_microbatches
 
 
+def batch_shared_layout(run) -> bool:
+    """True when, by construction of the run's data, every micro-batch has ONE position layout.
+
+    A fact of the flags, true for every micro-batch (so the decision is made once per run): one
+    sample per micro-batch; contiguous positions; EndPrompt with a fixed placement and a tail
+    terminal (a = S - t for every sample). Not in cue mode (the cue, and so the context length,
+    is drawn per sample), nor with random placement or PoSE (drawn per sample).
+    """
+    e = run.endprompt
+    if run.training.micro_batch_size == 1 or e.position_mode == "contiguous":
+        return True
+    return e.position_mode == "endprompt" and e.placement == "fixed" and e.terminal == "tail"
+
+
 def transformer_overrides(run) -> dict:
-    """TransformerConfig fields that come from training flags (recompute, FP8, RoPE fusion)."""
+    """TransformerConfig fields that come from training flags (recompute, FP8, RoPE fusion, p2p)."""
     t = run.training
     out: dict = {}
     if t.recompute_granularity is not None:
@@ -35,14 +50,25 @@ def transformer_overrides(run) -> dict:
     if t.fp8_format is not None:
         out["fp8"] = t.fp8_format
         out["fp8_recipe"] = t.fp8_recipe
-    # TE's fused RoPE takes one [s, 1, 1, d] table: only when every row shares the layout.
-    shared = t.micro_batch_size == 1 or not run.endprompt.is_per_sample_random
-    out["apply_rope_fusion"] = run.model.transformer_impl == "te" and shared
+    # TE's fused RoPE takes one [s, 1, 1, d] table: only when every micro-batch shares one layout.
+    out["apply_rope_fusion"] = run.model.transformer_impl == "te" and batch_shared_layout(run)
+    if (run.parallel.virtual_pipeline_model_parallel_size or 1) > 1:
+        # Megatron-LM's interleaved-schedule default (--overlap-p2p-communication on, so no
+        # batched p2p). megatron-core's own default (batch_p2p_comm=True) posts the send/recv
+        # pairs of one step in a fixed order; at PP=2 the previous and the next rank are the same
+        # peer and same-shaped activations and gradients are matched swapped.
+        out["overlap_p2p_comm"] = True
+        out["batch_p2p_comm"] = False
     return out
 
 
-def build_model_chunks(run) -> list[torch.nn.Module]:
-    """This rank's model chunks: one per virtual pipeline stage (one without VPP).
+def build_model_chunks(run, rt: Runtime) -> list[torch.nn.Module]:
+    """This rank's model chunks, on ``rt.device``: one per virtual pipeline stage (one without VPP).
+
+    Every chunk is moved to the device before any wrapping, as Megatron-LM's ``get_model`` does:
+    megatron-core builds its parallel linear layers on the GPU, but the local spec's torch norms
+    are created on the CPU (megatron DDP copies parameters into its GPU buffer only with the
+    distributed optimizer).
 
     Seeded once, before the first chunk, with ``seed + 100 * pp_rank`` (Megatron-LM's
     ``_set_random_seed``): re-seeding per chunk, or the same seed on every stage, would give
@@ -54,15 +80,20 @@ def build_model_chunks(run) -> list[torch.nn.Module]:
 
     vpp = run.parallel.virtual_pipeline_model_parallel_size or 1
     overrides = transformer_overrides(run)
+    shared = batch_shared_layout(run)
     pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     seed = run.training.seed + 100 * pp_rank
     return [
-        build_model(
-            run.model,
-            run.parallel,
-            vp_stage=i if vpp > 1 else None,
-            seed=seed if i == 0 else None,
-            **overrides,
+        move_to_device(
+            build_model(
+                run.model,
+                run.parallel,
+                vp_stage=i if vpp > 1 else None,
+                seed=seed if i == 0 else None,
+                batch_shared_positions=shared,
+                **overrides,
+            ),
+            rt.device,
         )
         for i in range(vpp)
     ]
@@ -89,7 +120,9 @@ def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # fp16 starts its dynamic loss scale at 2**32: early steps overflow by design and the
+        # optimizer skips them; DDP's NaN/Inf check would raise instead. bf16/fp32 keep it.
+        check_for_nan_in_grad=not config.fp16,
     )
     wrapped = [
         DistributedDataParallel(
@@ -165,7 +198,8 @@ def train_step_megatron(
     loss = float(weighted / w_total) if float(w_total) > 0 else 0.0
     return {
         "loss": loss,
-        "grad_norm": float(norm or 0.0),
+        # A skipped (fp16 overflow) step has no norm; megatron returns None.
+        "grad_norm": float(norm) if norm is not None else float("nan"),
         "skipped": float(not ok),
         "loss_scale": float(optimizer.get_loss_scale()),
     }

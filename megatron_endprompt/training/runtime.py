@@ -8,7 +8,6 @@ spread through the code.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_endprompt.training import device as _device
 from megatron_endprompt.training.device import (
     destroy_distributed,
     init_distributed,
@@ -71,8 +71,8 @@ def setup_runtime(
     context_parallel_size: int = 1,
 ) -> Runtime:
     """Initialise distributed + megatron parallel state; returns the run's :class:`Runtime`."""
-    rank, world = init_distributed("nccl" if device_type == "cuda" else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device, backend = _device.accelerator(device_type)
+    rank, world = init_distributed(backend)
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world % (model_parallel * context_parallel_size):
         raise ValueError(
@@ -86,7 +86,6 @@ def setup_runtime(
         virtual_pipeline_model_parallel_size,
         context_parallel_size,
     )
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     return Runtime(
         device=device,
         rank=rank,

@@ -70,7 +70,7 @@ def _build_megatron_objects(run: RunConfig, rt: Runtime, tokenizer) -> TrainingO
         build_model_chunks,
     )
 
-    chunks = build_model_chunks(run)
+    chunks = build_model_chunks(run, rt)
     wrapped, optimizer = build_megatron_training(run, rt, chunks)
     return TrainingObjects(tokenizer, wrapped, chunks, optimizer, _scheduler(run, optimizer))
 

@@ -1,5 +1,6 @@
 """Training flags: Megatron names, presets, and validation that fails before any compute."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -206,3 +207,104 @@ def test_entry_point_reports_bad_flags_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in proc.stderr
+
+
+# FP8 preflight (check_fp8_shapes): hand-picked shapes, one bad dimension at a time.
+FP8_CUDA = ["--device", "cuda", "--transformer-impl", "te", "--fp8-format", "hybrid", "--bf16"]
+
+
+def fp8_configs(mbs=1, recipe="delayed", sp=False, **model):
+    from megatron_endprompt.config import ModelConfig, ParallelConfig
+    from megatron_endprompt.run_config import TrainingConfig
+
+    shape = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
+                 num_query_groups=2, seq_length=256, max_position_embeddings=2048)  # fmt: skip
+    tp = model.pop("tp", 2 if sp else 1)
+    cp = model.pop("cp", 1)
+    return (
+        ModelConfig(**{**shape, **model}),
+        ParallelConfig(
+            tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sp
+        ),
+        TrainingConfig(micro_batch_size=mbs, train_iters=1, fp8_format="e4m3", fp8_recipe=recipe),
+    )
+
+
+def test_fp8_shapes_good_config_passes():
+    from megatron_endprompt.fp8 import check_fp8_shapes
+
+    check_fp8_shapes(*fp8_configs())  # 256 tokens, hidden 128, QKV 256, proj 128, ffn 352
+    check_fp8_shapes(*fp8_configs(sp=True))  # 256 and 128 tokens, TP 2 widths 128/64/176
+    check_fp8_shapes(*fp8_configs(seq_length=4, mbs=2))  # 8 tokens: the product is what counts
+    check_fp8_shapes(*fp8_configs(recipe="mxfp8"), compute_capability=(10, 0))
+    model, parallel, training = fp8_configs(seq_length=100)
+    check_fp8_shapes(model, parallel, dataclasses.replace(training, fp8_format=None))  # no FP8
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(seq_length=100),
+            r"--fp8-format e4m3: --seq-length 100 / --context-parallel-size 1 x "
+            r"--micro-batch-size 1 = 100 tokens per GEMM, must be divisible by 8 "
+            r"\(Transformer Engine FP8\)",
+        ),
+        (dict(seq_length=20, cp=2), r"--context-parallel-size 2 x --micro-batch-size 1 = 10 "),
+        (
+            dict(seq_length=24, sp=True),
+            r"--tensor-model-parallel-size 2 \(--sequence-parallel\) x "
+            r"--micro-batch-size 1 = 12 tokens",
+        ),
+        (dict(seq_length=6, mbs=3), r"--micro-batch-size 3 = 18 tokens"),
+        (dict(hidden_size=120, num_attention_heads=4, kv_channels=32), r"--hidden-size 120 = 120"),
+        (
+            dict(hidden_size=128, num_attention_heads=4, num_query_groups=4, kv_channels=10),
+            r"QKV width \(--num-attention-heads 4 \+ 2 x --num-query-groups 4\) x "
+            r"--kv-channels 10 / --tensor-model-parallel-size 1 = 120",
+        ),
+        (
+            dict(num_attention_heads=4, num_query_groups=4, kv_channels=12, tp=2),
+            r"QKV width .* = 72, must be divisible by 16",
+        ),
+        (
+            dict(num_attention_heads=2, num_query_groups=1, kv_channels=4),
+            r"attention output width --num-attention-heads 2 x --kv-channels 4 .* = 8,",
+        ),
+        (
+            dict(ffn_hidden_size=344),
+            r"--ffn-hidden-size 344 / --tensor-model-parallel-size 1 = 344",
+        ),
+        (dict(ffn_hidden_size=368, tp=2), r"--ffn-hidden-size 368 / .* 2 = 184"),
+        (dict(recipe="mxfp8", seq_length=16), r"divisible by 32 \(Transformer Engine MXFP8\)"),
+    ],
+)
+def test_fp8_shapes_bad_dimension_names_its_flag(kwargs, match):
+    from megatron_endprompt.fp8 import check_fp8_shapes
+
+    with pytest.raises(ValueError, match=match):
+        check_fp8_shapes(*fp8_configs(**kwargs), compute_capability=(10, 0))
+
+
+def test_fp8_mxfp8_needs_blackwell():
+    from megatron_endprompt.fp8 import check_fp8_shapes
+
+    with pytest.raises(ValueError, match=r"--fp8-recipe mxfp8: needs a Blackwell GPU .* has 9.0"):
+        check_fp8_shapes(*fp8_configs(recipe="mxfp8"), compute_capability=(9, 0))
+
+
+def test_fp8_shapes_checked_by_the_parser():
+    run = parse(*FP8_CUDA, "--fp8-recipe", "tensorwise", cuda=True)
+    assert run.training.fp8_format == "hybrid" and run.model.seq_length == 256
+    for flags, match in (
+        (["--seq-length", "100"], "--seq-length 100 / --context-parallel-size 1 x"),
+        (["--micro-batch-size", "3", "--seq-length", "90"], "= 270 tokens per GEMM"),
+        (["--ffn-hidden-size", "344"], "--ffn-hidden-size 344"),
+        (["--hidden-size", "120", "--kv-channels", "32"], "--hidden-size 120"),
+        (
+            ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "200"],
+            r"\(--sequence-parallel\) x --micro-batch-size 1 = 100",
+        ),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse(*FP8_CUDA, *flags, world_size=2, cuda=True)

@@ -439,8 +439,9 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
     seen = {}
 
     class Opt:
-        def sharded_state_dict(self, model_sd, is_loading=False):
+        def sharded_state_dict(self, model_sd, is_loading=False, metadata=None):
             seen["model_sd"], seen["is_loading"] = model_sd, is_loading
+            seen["metadata"] = metadata
             return {"opt": 1}
 
     class Sched:
@@ -451,11 +452,24 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
         model=[wrapper], module=[module], optimizer=Opt(), scheduler=Sched()
     )
     run = types.SimpleNamespace(
-        checkpoint=types.SimpleNamespace(finetune=False, no_load_optim=False, no_load_rng=False)
+        checkpoint=types.SimpleNamespace(
+            finetune=False,
+            no_load_optim=False,
+            no_load_rng=False,
+            dist_ckpt_optim_fully_reshardable=False,
+        ),
+        parallel=types.SimpleNamespace(use_distributed_optimizer=False),
+        to_dict=lambda: {"model": {}},
     )
     state = types.SimpleNamespace(iteration=5, consumed_samples=40)
     rt = _runtime()
     sd = dist_checkpoint.sharded_state(run, rt, objs, state)
+    # Megatron-LM's content metadata, plus the live DP x CP group TE layers ask for.
+    assert seen["metadata"]["singleton_local_shards"] is False
+    assert seen["metadata"]["chained_optim_avoid_prefix"] is True
+    assert "distrib_optim_sharding_type" not in seen["metadata"]
+    assert seen["metadata"]["dp_cp_group"] is not None
+    assert sd["run_config"] == {"model": {}}
     keys = list(sd["model"])
     assert keys and not any(k.startswith("module.") for k in keys)
     assert seen["model_sd"] is sd["model"] and seen["is_loading"] is False
@@ -478,16 +492,21 @@ def test_build_model_chunks_seeds_once(monkeypatch, parallel_state_1):
     import megatron_endprompt.model.gpt as gpt
 
     seeds = []
-    monkeypatch.setattr(gpt, "build_model", lambda *a, seed=None, **k: seeds.append(seed))
+
+    def fake_build(*a, seed=None, **k):
+        seeds.append(seed)
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(gpt, "build_model", fake_build)
     run = types.SimpleNamespace(
         model=types.SimpleNamespace(transformer_impl="local"),
         parallel=types.SimpleNamespace(virtual_pipeline_model_parallel_size=3),
         training=types.SimpleNamespace(
             seed=11, recompute_granularity=None, fp8_format=None, micro_batch_size=1
         ),
-        endprompt=types.SimpleNamespace(is_per_sample_random=False),
+        endprompt=types.SimpleNamespace(position_mode="contiguous"),
     )
-    megatron_step.build_model_chunks(run)
+    megatron_step.build_model_chunks(run, _runtime())
     assert seeds == [11, None, None]
 
 
@@ -535,7 +554,7 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
     class Opt:
         reloaded = 0
 
-        def sharded_state_dict(self, model_sd, is_loading=False):
+        def sharded_state_dict(self, model_sd, is_loading=False, metadata=None):
             return {}
 
         def load_state_dict(self, sd):
@@ -559,7 +578,10 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
             model=[object()], module=[m], optimizer=Opt(), scheduler=Sched()
         )
 
+    import dataclasses
+
     save_dir = str(tmp_path / "ckpt")
+    model_config = tiny_model_config()
     run = types.SimpleNamespace(
         checkpoint=types.SimpleNamespace(
             save=save_dir,
@@ -568,7 +590,11 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
             finetune=False,
             no_load_optim=False,
             no_load_rng=False,
-        )
+            dist_ckpt_optim_fully_reshardable=False,
+        ),
+        parallel=types.SimpleNamespace(use_distributed_optimizer=False),
+        model=model_config,
+        to_dict=lambda: {"model": dataclasses.asdict(model_config)},
     )
     src = objs(1)
     rt = _runtime()
@@ -601,3 +627,18 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
 
     saved = dist_checkpointing.load_common_state_dict(path)["rng_layout"]
     assert list(saved) == [1, 1] != dist_checkpoint._layout(rt_tp2)
+
+    # Megatron-LM's release layout (tracker "release", folder release/) loads like iter_N.
+    os.replace(path, os.path.join(save_dir, "release"))
+    (tmp_path / "ckpt" / ckpt.TRACKER).write_text("release\n")
+    run.checkpoint.finetune = True
+    dst = objs(4)
+    fresh = types.SimpleNamespace(iteration=0, consumed_samples=0)
+    assert dist_checkpoint.load(run, rt, dst, fresh)
+    for a, b in zip(src.module[0].state_dict().values(), dst.module[0].state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+    # The recorded model config is checked: a flag that disagrees is refused by name.
+    run.model = dataclasses.replace(model_config, norm_epsilon=1e-3)
+    with pytest.raises(ValueError, match="--norm-epsilon"):
+        dist_checkpoint.load(run, rt, objs(5), fresh)

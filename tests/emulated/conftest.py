@@ -1,0 +1,109 @@
+"""Fixtures of the CUDA-emulation tests: a corpus, one initial checkpoint, three launches.
+
+Every emulated run of the module-level plans happens in one of three torchrun launches (1, 2 and
+4 ranks), in order, so megatron-core and torch are imported three times, not once per run:
+
+* 1 rank: the initial checkpoint, the one-process references (fp32, bf16), a fresh run for the
+  CPU-path comparison, and an fp16 run;
+* 2 ranks: PP=2, PP=2 x VPP=2, a PP=2 run preempted by SIGTERM at iteration 2, its resume at
+  PP=2 and at TP=2;
+* 4 ranks: DP=2 x PP=2, TP=2 x PP=2, bf16 + distributed optimizer at DP=2 x PP=2 straight, saved
+  at iteration 2 and resumed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "training"))
+
+from emulated_run import BF16_DISTOPT, PP2, TP2, VPP2, launch_plan, train_flags  # noqa: E402
+from train_fixtures import make_corpus  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if str(HERE) in str(item.fspath):
+            item.add_marker(pytest.mark.emulated)
+
+
+@pytest.fixture(scope="session")
+def emu_data(tmp_path_factory):
+    """(data prefix, cache dir) of a tiny byte-level corpus."""
+    d = tmp_path_factory.mktemp("emu_data")
+    return make_corpus(str(d), num_docs=80), str(d / "cache")
+
+
+@pytest.fixture(scope="session")
+def emu_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("emu_runs")
+
+
+@pytest.fixture(scope="session")
+def one_rank(emu_data, emu_dir) -> dict[str, dict]:
+    """The initial checkpoint and the one-process runs.
+
+    ``init``: one iteration warmed up from lr 0, an update of size zero, so the saved weights
+    are the initial ones. Every parity run loads them with --finetune: the same weights whatever
+    the layout (TP/PP resharding through dist_checkpointing).
+    """
+    init = str(emu_dir / "init_ckpt")
+    ref = ["--load", init, "--finetune"]
+    runs = [
+        {"name": "init", "flags": train_flags(emu_data, "--save", init, iters=1, warmup=1)},
+        {"name": "ref", "flags": train_flags(emu_data, *ref)},
+        {"name": "ref_bf16", "flags": train_flags(emu_data, *ref, "--bf16")},
+        {"name": "fresh", "flags": train_flags(emu_data)},
+        {
+            "name": "fp16",
+            "flags": train_flags(
+                emu_data, "--params-dtype", "float16", "--save", str(emu_dir / "fp16_ckpt"),
+                iters=3,
+            ),
+        },
+    ]  # fmt: skip
+    results = launch_plan(1, runs, emu_dir / "one_rank")
+    results["init"]["path"] = init
+    return results
+
+
+@pytest.fixture(scope="session")
+def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
+    ref = ["--load", one_rank["init"]["path"], "--finetune"]
+    first, again = str(emu_dir / "pp2_first"), str(emu_dir / "pp2_again")
+    runs = [
+        {"name": "pp2", "flags": train_flags(emu_data, *ref, *PP2)},
+        {"name": "pp2_vpp2", "flags": train_flags(emu_data, *ref, *PP2, *VPP2)},
+        # Preempted: rank 0 alone receives SIGTERM before the loop's 2nd exit-signal poll.
+        {"name": "pp2_first", "flags": train_flags(emu_data, *ref, *PP2, "--save", first),
+         "sigterm": "0:2"},
+        {"name": "pp2_resumed",
+         "flags": train_flags(emu_data, "--load", first, "--save", again, *PP2)},
+        {"name": "tp2_resumed", "flags": train_flags(emu_data, "--load", first, *TP2)},
+    ]  # fmt: skip
+    results = launch_plan(2, runs, emu_dir / "two_ranks")
+    results["pp2_first"]["save"] = first
+    return results
+
+
+@pytest.fixture(scope="session")
+def four_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
+    ref = ["--load", one_rank["init"]["path"], "--finetune"]
+    first, again = str(emu_dir / "distopt_first"), str(emu_dir / "distopt_again")
+    runs = [
+        {"name": "dp2_pp2", "flags": train_flags(emu_data, *ref, *PP2)},
+        {"name": "tp2_pp2", "flags": train_flags(emu_data, *ref, *TP2, *PP2)},
+        {"name": "dp2_pp2_bf16_distopt", "flags": train_flags(emu_data, *ref, *PP2, *BF16_DISTOPT)},
+        {"name": "distopt_first", "flags": train_flags(
+            emu_data, *ref, *PP2, *BF16_DISTOPT, "--save", first, "--exit-interval", "2")},
+        {"name": "distopt_resumed", "flags": train_flags(
+            emu_data, "--load", first, "--save", again, *PP2, *BF16_DISTOPT)},
+    ]  # fmt: skip
+    results = launch_plan(4, runs, emu_dir / "four_ranks")
+    results["distopt_first"]["save"] = first
+    return results

@@ -6,10 +6,12 @@
     python tools/convert_checkpoint.py --direction megatron-to-hf --input ckpt/endprompt \
         --output Llama-3-8B-64k --target-length 65536 --tokenizer-dir Llama-3-8B
 
-The Megatron side loads with ``--load DIR --finetune``. The export's config.json carries
-rope_theta, rope_scaling and max_position_embeddings = the target length. Exit status: 0 on
-success, 2 on bad flags or input (one ``error:`` line on stderr, nothing written), 130 when
-interrupted.
+The Megatron side loads with ``--load DIR --finetune``. ``megatron-to-hf`` reads either format at
+any saved layout: the per-shard files of CPU runs and conversions, or the dist_checkpointing
+(``torch_dist``) checkpoints of CUDA runs (TP/PP/VPP), on a CPU-only machine too. The export's
+config.json carries rope_theta, rope_scaling and max_position_embeddings = the target length.
+Exit status: 0 on success, 2 on bad flags or input (one ``error:`` line on stderr, nothing
+written), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--direction", required=True, choices=["hf-to-megatron", "megatron-to-hf"])
-    p.add_argument("--input", required=True, help="Source directory.")
+    p.add_argument(
+        "--input", required=True, help="Source directory (megatron-to-hf: either format)."
+    )
     p.add_argument("--output", required=True, help="Directory to create.")
     p.add_argument("--force", action="store_true", help="Replace an existing --output.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")

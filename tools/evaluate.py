@@ -4,7 +4,10 @@
     python tools/evaluate.py --load ckpt/endprompt --tokenizer-type SentencePieceTokenizer \
         --tokenizer-model tok.model --tasks passkey,perplexity --lengths 256,512,1024,2048 \
         --ppl-data data/heldout_text_document --output eval/endprompt --name EndPrompt
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/endprompt ...   # TP = 2
     python tools/evaluate.py compare eval/base eval/pi_only eval/endprompt --output eval/all
+
+``--load`` reads per-shard and dist_checkpointing checkpoints at any saved TP/PP/VPP layout.
 
 Exit status: 0 on success, 2 on bad flags or input (one ``error:`` line on stderr), 130 when
 interrupted. ``--help`` lists every flag.

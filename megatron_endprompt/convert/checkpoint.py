@@ -1,6 +1,7 @@
 """Stream whole checkpoints between a Hugging Face Llama directory and our Megatron layout.
 
-Megatron side (the CPU checkpoint format of :mod:`megatron_endprompt.training.checkpoint`)::
+Megatron side written by the import (the per-shard format of
+:mod:`megatron_endprompt.training.checkpoint`)::
 
     OUT/latest_checkpointed_iteration.txt          "0"
     OUT/model_config.json                          ModelConfig as JSON (rope_scaling included)
@@ -11,9 +12,12 @@ Megatron side (the CPU checkpoint format of :mod:`megatron_endprompt.training.ch
 megatron-core numbers decoder layers locally per pipeline stage (``decoder.layers.0`` is the first
 layer of every stage), so stage p holds global layers ``p * n/PP .. (p+1) * n/PP - 1``. With tied
 embeddings and PP > 1 the last stage holds its own ``output_layer.weight`` (= the embedding).
+The export reads either format at any layout through :mod:`megatron_endprompt.convert.stored`
+(per-shard files, or dist_checkpointing checkpoints of CUDA runs, TP/PP/VPP as saved).
 
 Memory bound: tensors are read lazily (``safetensors.safe_open`` for Hugging Face, ``torch.load``
-with ``mmap=True`` for Megatron shards) and converted one layer at a time. Import holds one output
+with ``mmap=True`` for Megatron shards, one layer's chunks for dist checkpoints) and converted one
+layer at a time. Import holds one output
 shard (one TP rank of one stage) plus the copies made while converting one layer; export holds one
 output file (at most ``max_shard_size``; safetensors serialises it in memory, so twice that while
 writing) plus one gathered layer. The largest per-tensor transient is about three copies of the
@@ -26,23 +30,17 @@ directory renamed into place only on success.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from megatron_endprompt.config import (
-    PARAMS_DTYPES,
-    ModelConfig,
-    ParallelConfig,
-    model_config_from_dict,
-)
+from megatron_endprompt.config import PARAMS_DTYPES, ModelConfig, ParallelConfig
 from megatron_endprompt.convert.hf_llama import (
     fuse_qkv,
     hf_config_from_model_config,
@@ -57,24 +55,16 @@ from megatron_endprompt.convert.safetensors_io import (
     parse_size,
     write_json,
 )
-from megatron_endprompt.convert.shapes import (
-    check_shapes,
-    hf_shapes,
-    megatron_shard_shapes,
-    merge_tensor_parallel,
-)
+from megatron_endprompt.convert.shapes import check_shapes, hf_shapes, megatron_shard_shapes
+from megatron_endprompt.convert.stored import StoredCheckpoint, open_checkpoint
 from megatron_endprompt.training.checkpoint import (
     MODEL_CONFIG_JSON,
     SHARD_FILE,
     TRACKER,
     iteration_dir,
-    read_tracker,
-    recorded_model_config,
-    stored_iteration_dir,
 )
 
 FORMAT = "megatron_endprompt/v1"
-_SHARD_DIR_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _TOKENIZER_RE = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
     r"chat_template\.(jinja|json)|.*\.model)$"
@@ -237,64 +227,6 @@ def convert_hf_to_megatron(
 # ---------------------------------------------------------------- Megatron -> Hugging Face
 
 
-def _find_shards(load_dir: str) -> dict[tuple[int, int], str]:
-    """(tp_rank, pp_rank) -> shard file of the tracker's iteration; the grid must be complete."""
-    if not os.path.isdir(load_dir):
-        raise FileNotFoundError(f"--input={load_dir}: no such directory")
-    iteration = read_tracker(load_dir)
-    if iteration is None:
-        raise FileNotFoundError(f"--input={load_dir}: no {TRACKER} (not a Megatron checkpoint)")
-    base = stored_iteration_dir(load_dir, iteration)
-    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
-    matches = [(_SHARD_DIR_RE.match(n), n) for n in names]
-    shards = {
-        (int(m[1]), int(m[2] or 0)): os.path.join(base, n, SHARD_FILE) for m, n in matches if m
-    }
-    if not shards:
-        raise FileNotFoundError(
-            f"--input: {base} holds no mp_rank_TT_PPP shards (a dist_checkpointing checkpoint "
-            "saved on CUDA must be converted to this format first)"
-        )
-    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
-    for key in ((t, p) for p in range(pp) for t in range(tp)):
-        if not os.path.isfile(shards.get(key, "")):
-            raise FileNotFoundError(
-                f"--input: shard {key} of TP={tp} x PP={pp} is missing in {base}"
-            )
-    return shards
-
-
-def _load_shard(path: str) -> dict[str, Any]:
-    try:  # mmap: tensors stay on disk until read; training shards also hold optimizer states
-        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"--input: cannot read checkpoint shard {path}: {err}") from err
-    if not isinstance(shard, Mapping) or not isinstance(shard.get("model"), Mapping):
-        raise ValueError(f"--input: {path} has no 'model' state dict")
-    return shard
-
-
-def checkpoint_model_config(load_dir: str, shard: Mapping[str, Any]) -> tuple[ModelConfig, int]:
-    """(model config, target length) of a checkpoint.
-
-    Order: the shard's ``run_config`` (training checkpoints; the target length is its
-    ``endprompt.target_length``), the shard's ``model_config`` (converted checkpoints), then
-    ``model_config.json`` beside the tracker. The target length defaults to
-    ``max_position_embeddings``.
-    """
-    saved = recorded_model_config(shard, search_dirs=(load_dir,))
-    if saved is None:
-        raise FileNotFoundError(
-            f"--input={load_dir}: no model config (neither run_config/model_config in the shard "
-            f"nor {MODEL_CONFIG_JSON})"
-        )
-    m = model_config_from_dict(saved)
-    run = shard.get("run_config")
-    if isinstance(run, Mapping) and isinstance(run.get("model"), Mapping):
-        return m, (run.get("endprompt") or {}).get("target_length") or m.max_position_embeddings
-    return m, m.max_position_embeddings
-
-
 def _megatron_layer_to_hf(
     sd: Mapping[str, torch.Tensor], m: ModelConfig, local_i: int, global_i: int
 ) -> dict[str, torch.Tensor]:
@@ -325,33 +257,16 @@ def _tokenizer_files(tokenizer_dir: str) -> list[str]:
 
 
 def _export_tensors(
-    shards: Mapping[tuple[int, int], Mapping[str, Any]],
-    m: ModelConfig,
-    writer: SafetensorsWriter,
-    progress: bool,
+    ckpt: StoredCheckpoint, m: ModelConfig, writer: SafetensorsWriter, progress: bool
 ) -> None:
-    """Gather every layer over its TP slices and append it, in Hugging Face order, to ``writer``."""
-    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
-    per_stage = m.num_layers // pp
-
-    def merged(pp_rank: int, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        parts = [{k: shards[t, pp_rank]["model"][k] for k in keys} for t in range(tp)]
-        return merge_tensor_parallel(parts, m)
-
-    embed = merged(0, ["embedding.word_embeddings.weight"])["embedding.word_embeddings.weight"]
-    writer.add("model.embed_tokens.weight", embed[: m.vocab_size])
-    del embed
-    for global_i in tqdm(range(m.num_layers), unit="layer", disable=not progress):
-        pp_rank, local_i = divmod(global_i, per_stage)
-        prefix = f"decoder.layers.{local_i}."
-        keys = [k for k in shards[0, pp_rank]["model"] if k.startswith(prefix)]
-        layer = _megatron_layer_to_hf(merged(pp_rank, keys), m, local_i, global_i)
-        for name, tensor in layer.items():
+    """Append every tensor, gathered to full size one layer at a time, in Hugging Face order."""
+    writer.add("model.embed_tokens.weight", ckpt.embedding()[: m.vocab_size])
+    for i in tqdm(range(m.num_layers), unit="layer", disable=not progress):
+        for name, tensor in _megatron_layer_to_hf(ckpt.layer(i), m, i, i).items():
             writer.add(name, tensor)
-    writer.add("model.norm.weight", shards[0, pp - 1]["model"]["decoder.final_layernorm.weight"])
+    writer.add("model.norm.weight", ckpt.final_norm())
     if m.untie_embeddings_and_output_weights:
-        out = merged(pp - 1, ["output_layer.weight"])["output_layer.weight"]
-        writer.add("lm_head.weight", out[: m.vocab_size])
+        writer.add("lm_head.weight", ckpt.output_layer()[: m.vocab_size])
 
 
 def convert_megatron_to_hf(
@@ -363,10 +278,11 @@ def convert_megatron_to_hf(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write our Megatron checkpoint (any TP/PP) as a Hugging Face Llama directory.
+    """Write a Megatron checkpoint (either format, any TP/PP/VPP) as a Hugging Face Llama directory.
 
     Args:
-        input_dir: Checkpoint directory (``--save`` of training or ``hf-to-megatron`` output).
+        input_dir: Checkpoint directory (``--save`` of a CPU or CUDA training run, or
+            ``hf-to-megatron`` output): per-shard torch files or dist_checkpointing.
         output_dir: Directory to create: ``config.json`` and ``model.safetensors`` (or
             ``model-0000i-of-0000n.safetensors`` + index above ``max_shard_size``).
         target_length: ``max_position_embeddings`` of the export (the extended window L); None
@@ -388,23 +304,12 @@ def convert_megatron_to_hf(
     if target_length is not None and target_length < 1:
         raise ValueError(f"--target-length={target_length}: must be a positive integer")
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
-    paths = _find_shards(input_dir)
-    shards = {key: _load_shard(path) for key, path in paths.items()}
-    m, default_length = checkpoint_model_config(input_dir, shards[0, 0])
-    te_keys = any(k.endswith("layer_norm_weight") for k in shards[0, 0]["model"])
-    m = dataclasses.replace(m, transformer_impl="te" if te_keys else "local")  # as saved
-    tp, pp = max(t for t, _ in shards) + 1, max(p for _, p in shards) + 1
-    m.validate_against(
-        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    )
-    for (t, p), shard in shards.items():
-        found = {k: tuple(v.shape) for k, v in shard["model"].items()
-                 if v is not None and not k.endswith("_extra_state")}  # fmt: skip
-        check_shapes(found, megatron_shard_shapes(m, tp, pp, p), paths[t, p])
+    ckpt = open_checkpoint(input_dir, where=f"--input={input_dir}")
+    m, default_length = ckpt.model_config, ckpt.target_length()
     hf_config = hf_config_from_model_config(m, target_length or default_length)
     with staged_output(output_dir, force) as tmp:
         writer = SafetensorsWriter(tmp, max_bytes)
-        _export_tensors(shards, m, writer, progress)
+        _export_tensors(ckpt, m, writer, progress)
         writer.close()
         write_json(os.path.join(tmp, "config.json"), hf_config)
         for path in tokenizer_files:

@@ -3,21 +3,23 @@
     python tools/evaluate.py --load ckpt/endprompt --tokenizer-type SentencePieceTokenizer \
         --tokenizer-model tok.model --tasks passkey,perplexity --lengths 256,512,1024,2048 \
         --ppl-data data/heldout_text_document --output eval/endprompt --name EndPrompt
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/endprompt ...   # TP = 2
     python tools/evaluate.py compare eval/base eval/pi_only eval/endprompt --output eval/all
 
-An evaluation writes ``report.json`` / ``report.md`` (every number, plus the run description:
-checkpoint, RoPE scaling, seeds, tokenizer), ``passkey_heatmap.png`` and
-``perplexity_by_position.png`` into ``--output`` and prints a summary table. ``compare`` merges
-several report directories into ``compare.md`` (one row per model) and
-``compare_perplexity.png``. Exit status: 0 on success, 2 on bad flags or input (one ``error:``
-line on stderr), 130 when interrupted.
+``--load`` reads either checkpoint format (per-shard torch files, or dist_checkpointing from CUDA
+training) at any saved TP/PP/VPP layout; under torchrun each process is one tensor-parallel rank
+and rank 0 writes the reports (``eval/parallel.py``). An evaluation writes ``report.json`` /
+``report.md`` (every number, plus the run description: checkpoint, RoPE scaling, seeds,
+tokenizer), ``passkey_heatmap.png`` and ``perplexity_by_position.png`` into ``--output`` and
+prints a summary table. ``compare`` merges several report directories into ``compare.md`` (one row
+per model) and ``compare_perplexity.png``. Exit status: 0 on success, 2 on bad flags or input
+(one ``error:`` line on stderr), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -41,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The evaluation flags."""
     p = _Parser(prog="tools/evaluate.py", description="Long-context evaluation of one model.")
-    p.add_argument("--load", help="Checkpoint directory (this package's format).")
+    p.add_argument("--load", help="Checkpoint directory (either format, any saved TP/PP).")
     p.add_argument("--iteration", type=int, help="Iteration to load (default: the tracker's).")
     p.add_argument("--hf-dir", help="Hugging Face model directory (instead of --load).")
     p.add_argument("--tokenizer-type", required=True, help="Megatron tokenizer type name.")
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Report directory.")
     p.add_argument("--name", help="Model name in reports (default: the --output folder name).")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Device.")
+    p.add_argument(
+        "--tensor-model-parallel-size", type=int, help="TP size (default: torchrun's processes)."
+    )
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
     return p
 
@@ -209,32 +214,6 @@ def run_tasks(args, logits_fn, tokenizer, max_pos, ppl_docs) -> dict[str, Any]:
     return results
 
 
-def summary_markdown(results: dict[str, Any]) -> str:
-    """Accuracy per length (passkey exact match / digit accuracy, needle) and perplexity."""
-    from megatron_endprompt.eval.report import format_table
-
-    by_length: dict[str, dict[int, float]] = {}
-    if "passkey" in results:
-        by_length["passkey exact"] = results["passkey"].mean_by_length()
-        by_length["passkey digits"] = results["passkey"].mean_by_length("token_accuracy")
-    for name, r in results.items():
-        if name.startswith("needle_"):
-            by_length[name.replace("_", " ")] = dict(zip(r.lengths, r.accuracy))
-    parts = []
-    if by_length:
-        lengths = sorted({n for column in by_length.values() for n in column})
-        rows = [[n, *(col.get(n, "-") for col in by_length.values())] for n in lengths]
-        parts.append(format_table(rows, ["length", *by_length]))
-    if "perplexity" in results:
-        r = results["perplexity"]
-        rows = [list(x) for x in zip(r.bucket_labels(), r.mean_loss, r.perplexity, r.token_count)]
-        parts.append(
-            f"Perplexity at context {r.length} ({r.num_windows} windows):\n\n"
-            + format_table(rows, ["positions", "mean loss", "perplexity", "tokens"])
-        )
-    return "\n".join(parts)
-
-
 def write_outputs(results: dict[str, Any], args: argparse.Namespace, meta: dict) -> list[str]:
     """report.json / report.md and the PNG plots; returns the written paths."""
     from megatron_endprompt.eval import report
@@ -260,14 +239,34 @@ def _resolve_device(device: str) -> str:
 
 
 def evaluate(argv: Sequence[str] | None) -> int:
-    """Parse, load, evaluate, write the report, print the summary."""
+    """Parse, load, evaluate; rank 0 writes the report and prints the summary."""
     args = build_parser().parse_args(argv)
     _check_args(args)
     from megatron_endprompt.data.tokenizers import build_tokenizer
+    from megatron_endprompt.eval import parallel
 
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     check_prompts_fit(args, tokenizer)
     device = _resolve_device(args.device)
+    if args.hf_dir and parallel.launched_world_size() > 1:
+        raise UsageError("--hf-dir evaluates in one process; launch it without torchrun")
+    ranks = parallel.start(device, args.tensor_model_parallel_size)
+    try:
+        args.no_progress = args.no_progress or not ranks.is_main
+        results, meta = _evaluate_model(args, tokenizer, parallel.local_device(device, ranks))
+        if ranks.is_main:
+            from megatron_endprompt.eval.summary import summary_markdown
+
+            paths = write_outputs(results, args, meta)
+            print(f"# {args.name}\n\n{summary_markdown(results)}")
+            print("wrote " + ", ".join(paths))
+    finally:
+        parallel.stop(ranks)
+    return 0
+
+
+def _evaluate_model(args: argparse.Namespace, tokenizer: Any, device: str) -> tuple[dict, dict]:
+    """``(results, meta)`` of the --load / --hf-dir model on this rank."""
     logits_fn, max_pos, vocab, meta = load_model(args, device)
     if vocab is not None and tokenizer.vocab_size > vocab:
         raise UsageError(
@@ -291,73 +290,12 @@ def evaluate(argv: Sequence[str] | None) -> int:
         "tokenizer": {"type": args.tokenizer_type, "model": args.tokenizer_model},
         "device": device,
     }
-    paths = write_outputs(results, args, meta)
-    print(f"# {args.name}\n\n{summary_markdown(results)}")
-    print("wrote " + ", ".join(paths))
-    return 0
-
-
-def _read_report(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, "report.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"compare: {directory} has no report.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
-        payload["meta"], payload["results"]  # noqa: B018 (shape check)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"compare: {path} is not an evaluation report") from err
-    return payload
-
-
-def _rope_label(meta: dict[str, Any]) -> str:
-    rope = meta.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "none"))
-    if kind in ("none", "default", None):
-        return "none"
-    return f"{kind} x{rope.get('factor', 1):g}"
-
-
-def compare_rows(reports: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """``(headers, rows)``: one row per model; passkey per length, last-bucket perplexity."""
-    lengths = sorted(
-        {int(n) for p in reports.values() for n in p["results"].get("passkey", {}).get(
-            "mean_exact_match_by_length", {})}
-    )  # fmt: skip
-    headers = ["model", "rope scaling"]
-    headers += [f"passkey@{n}" for n in lengths] + [f"digits@{n}" for n in lengths]
-    headers += ["ppl last bucket", "bucket", "ppl overall"]
-    rows = []
-    for name, payload in reports.items():
-        passkey = payload["results"].get("passkey", {})
-        exact = passkey.get("mean_exact_match_by_length", {})
-        digits = passkey.get("mean_token_accuracy_by_length", {})
-        row = [name, _rope_label(payload["meta"])]
-        row += [exact.get(str(n), "-") for n in lengths]
-        row += [digits.get(str(n), "-") for n in lengths]
-        ppl = payload["results"].get("perplexity")
-        if ppl:
-            edges = ppl["bucket_edges"]
-            row += [ppl["perplexity"][-1], f"[{edges[-2]}, {edges[-1]})", ppl["overall_perplexity"]]
-        else:
-            row += ["-", "-", "-"]
-        rows.append(row)
-    return headers, rows
-
-
-def _perplexity_result(d: dict[str, Any]):
-    from megatron_endprompt.eval.perplexity import PerplexityResult
-
-    return PerplexityResult(
-        int(d["length"]), list(d["bucket_edges"]), int(d["num_windows"]),
-        [float(x) for x in d["mean_loss"]], [float(x) for x in d["perplexity"]],
-        list(d["token_count"]), float(d["overall_mean_loss"]),
-    )  # fmt: skip
+    return results, meta
 
 
 def compare(argv: Sequence[str]) -> int:
     """``compare DIR... --output OUT``: compare.md and compare_perplexity.png; prints the table."""
-    from megatron_endprompt.eval import report
+    from megatron_endprompt.eval import report, summary
 
     p = _Parser(prog="tools/evaluate.py compare", description="Merge evaluation reports.")
     p.add_argument("reports", nargs="+", help="Report directories (holding report.json).")
@@ -365,15 +303,15 @@ def compare(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     reports: dict[str, dict[str, Any]] = {}
     for directory in args.reports:
-        payload = _read_report(directory)
+        payload = summary.read_report(directory)
         name = str(payload["meta"].get("name") or os.path.basename(os.path.normpath(directory)))
         if name in reports:
             name = f"{name} ({directory})"
         reports[name] = payload
-    headers, rows = compare_rows(reports)
+    headers, rows = summary.compare_rows(reports)
     table = report.format_table(rows, headers)
     paths = [atomic_write_text(os.path.join(args.output, "compare.md"), table)]
-    ppl = {n: _perplexity_result(p["results"]["perplexity"])
+    ppl = {n: summary.perplexity_result(p["results"]["perplexity"])
            for n, p in reports.items() if "perplexity" in p["results"]}  # fmt: skip
     if ppl:
         png = os.path.join(args.output, "compare_perplexity.png")

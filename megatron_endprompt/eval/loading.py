@@ -2,12 +2,13 @@
 
 Two sources:
 
-- ``load_megatron_model``: this package's checkpoint format (``training/checkpoint.py``:
-  ``LOAD/latest_checkpointed_iteration.txt`` + ``iter_N/mp_rank_00_000/model_optim_rng.pt``),
-  written by training (the shard holds ``run_config``) or by a conversion (the shard holds
-  ``model_config``, or a ``model_config.json`` lies beside it). Evaluation runs unsharded
-  (TP = PP = 1).
+- ``load_megatron_model``: a Megatron checkpoint directory in either format (per-shard torch files
+  of CPU training and conversions, or megatron-core dist_checkpointing of CUDA training), saved at
+  any TP/PP/VPP layout. The model is built at the evaluation's tensor-parallel size (one rank per
+  TP shard under torchrun, PP = 1) and each rank loads its shard (``convert/stored.py``).
 - ``load_hf_model``: a Hugging Face directory, through ``AutoModelForCausalLM`` in float32.
+
+Both wrap as a KV-cached ``LogitsFn`` (``eval/decoding.py``).
 
 ``load_ppl_documents`` reads the perplexity corpus (Megatron ``.bin/.idx`` or JSONL).
 
@@ -27,59 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_endprompt.config import ModelConfig, RopeScalingConfig, model_config_from_dict
-from megatron_endprompt.eval.scoring import LogitsFn
-from megatron_endprompt.training.checkpoint import MODEL_CONFIG_JSON, recorded_model_config
-
-
-def _shard_dirs(iter_dir: str) -> list[str]:
-    return sorted(d for d in os.listdir(iter_dir) if d.startswith("mp_rank_"))
-
-
-def _check_single_shard(load_dir: str, iteration: int) -> None:
-    """Raise when the checkpoint is not one unsharded CPU-format shard."""
-    from megatron_endprompt.training.checkpoint import stored_iteration_dir
-
-    iter_dir = stored_iteration_dir(load_dir, iteration)
-    if not os.path.isdir(iter_dir):
-        raise FileNotFoundError(f"--load {load_dir}: checkpoint directory {iter_dir} is missing")
-    if os.path.isfile(os.path.join(iter_dir, "metadata.json")):
-        raise ValueError(
-            f"--load {load_dir}: {iter_dir} is a megatron-core distributed checkpoint (saved on "
-            "CUDA); evaluation reads the unsharded CPU format (mp_rank_00_000)"
-        )
-    shards = _shard_dirs(iter_dir)
-    if shards != ["mp_rank_00_000"]:
-        raise ValueError(
-            f"--load {load_dir}: {iter_dir} holds shards {shards}; evaluation needs one "
-            "unsharded checkpoint (tensor- and pipeline-parallel size 1)"
-        )
-
-
-def _resolve_iteration(load_dir: str, iteration: int | None) -> int:
-    from megatron_endprompt.training.checkpoint import read_tracker
-
-    if not os.path.isdir(load_dir):
-        raise FileNotFoundError(f"--load {load_dir}: no such directory")
-    if iteration is None:
-        iteration = read_tracker(load_dir)
-        if iteration is None:
-            raise FileNotFoundError(
-                f"--load {load_dir}: no checkpoint (latest_checkpointed_iteration.txt is missing)"
-            )
-    return iteration
-
-
-def _model_config_dict(shard: Mapping[str, Any], load_dir: str, ckpt_path: str) -> dict:
-    """The model config of a checkpoint: run_config["model"], model_config, or the JSON file."""
-    shard_dir = os.path.dirname(ckpt_path)
-    saved = recorded_model_config(shard, (shard_dir, os.path.dirname(shard_dir), load_dir))
-    if saved is None:
-        raise ValueError(
-            f"--load {load_dir}: {ckpt_path} carries no model config (no run_config or "
-            f"model_config entry, no {MODEL_CONFIG_JSON} beside it)"
-        )
-    return saved
+from megatron_endprompt.config import ModelConfig, RopeScalingConfig
+from megatron_endprompt.eval.decoding import HFLogitsFn, MegatronLogitsFn
 
 
 def _seeds(shard: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,6 +69,17 @@ def _load_weights(model: torch.nn.Module, sd: Mapping[str, Any], load_dir: str) 
         raise ValueError(f"--load {load_dir}: weights do not match the model: {detail}") from err
 
 
+def _eval_spec(config: ModelConfig, device: torch.device) -> ModelConfig:
+    """The layer spec to evaluate with: the recorded one, except ``te`` without CUDA and TE."""
+    from megatron_endprompt.training.device import transformer_engine_available
+
+    if config.transformer_impl == "te" and (
+        device.type != "cuda" or not transformer_engine_available()
+    ):
+        return dataclasses.replace(config, transformer_impl="local")  # same weights, torch SDPA
+    return config
+
+
 def load_megatron_model(
     load_dir: str,
     iteration: int | None = None,
@@ -127,6 +88,12 @@ def load_megatron_model(
     max_position_override: int | None = None,
 ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
     """Build the EndPromptGPTModel of a checkpoint and load its weights (eval mode).
+
+    Reads either checkpoint format at any saved TP/PP/VPP layout (see ``convert/stored.py``)
+    and builds the model at the tensor-parallel size of megatron's parallel state (set up by the
+    caller under torchrun; a single process gets TP = 1): each rank loads its own shard. A
+    ``te``-spec checkpoint is evaluated with the ``local`` spec (same weights, torch SDPA) where
+    Transformer Engine cannot run.
 
     Args:
         load_dir: the ``--load`` directory (holding the tracker file).
@@ -137,60 +104,59 @@ def load_megatron_model(
             checkpoint's ``max_position_embeddings``.
 
     Returns:
-        ``(model, model_config, meta)``; meta holds the checkpoint path, iteration, RoPE scaling
-        (and whether it was overridden), max position and the checkpoint's seeds.
+        ``(model, model_config, meta)``; meta holds the checkpoint path, format, saved layout,
+        iteration, RoPE scaling (and whether it was overridden), max position and the seeds.
 
     Raises:
         FileNotFoundError: no checkpoint in ``load_dir``.
-        ValueError: sharded or distributed checkpoint, missing config, or mismatched weights.
+        ValueError: unreadable checkpoint, missing config, or mismatched weights.
     """
-    from megatron_endprompt.model.gpt import build_model
-    from megatron_endprompt.training.checkpoint import ShardRank, checkpoint_path, load_checkpoint
+    from megatron.core import parallel_state as ps
 
-    iteration = _resolve_iteration(load_dir, iteration)
-    _check_single_shard(load_dir, iteration)
-    path = checkpoint_path(load_dir, ShardRank(), iteration)
-    shard = load_checkpoint(load_dir, ShardRank(), iteration)
-    if not isinstance(shard, Mapping) or "model" not in shard:
-        raise ValueError(f"--load {load_dir}: {path} holds no 'model' state dict")
-    config = model_config_from_dict(_model_config_dict(shard, load_dir, path))
+    from megatron_endprompt.config import ParallelConfig
+    from megatron_endprompt.convert.stored import open_checkpoint, rank_state_dict
+    from megatron_endprompt.model.gpt import build_model
+
+    ckpt = open_checkpoint(load_dir, iteration, where=f"--load {load_dir}")
+    device = torch.device(device)
+    config = _eval_spec(ckpt.model_config, device)
     config = _apply_overrides(config, rope_scaling_override, max_position_override)
-    model = build_model(config, seed=0)
-    _load_weights(model, shard["model"], load_dir)
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    model = build_model(config, ParallelConfig(tensor_model_parallel_size=tp), seed=0)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    _load_weights(model, rank_state_dict(ckpt, config, (tp, tp_rank)), load_dir)
     model = model.to(device).eval()
     meta = {
-        "checkpoint": os.path.abspath(path),
-        "iteration": iteration,
+        "checkpoint": os.path.abspath(ckpt.path),
+        "format": ckpt.format,
+        "saved_layout": None if ckpt.layout is None else dict(zip(("tp", "pp"), ckpt.layout)),
+        "tensor_model_parallel_size": tp,
+        "iteration": ckpt.iteration,
         "rope_scaling": config.rope_scaling.to_dict(),
         "rope_scaling_overridden": rope_scaling_override is not None,
         "max_position_embeddings": config.max_position_embeddings,
-        "seeds": _seeds(shard),
+        "seeds": _seeds(ckpt.record),
     }
     return model, config, meta
 
 
 def megatron_logits_fn(
     model: torch.nn.Module, device: str | torch.device, vocab_size: int
-) -> LogitsFn:
-    """A ``LogitsFn`` over an EndPromptGPTModel.
+) -> MegatronLogitsFn:
+    """A ``CachedLogitsFn`` over an EndPromptGPTModel.
 
     Args:
-        model: the model (eval mode, on ``device``).
+        model: the model (eval mode, on ``device``, one pipeline stage).
         device: where the inputs are moved.
         vocab_size: the real vocabulary (``model_config.vocab_size``): Megatron pads the output
             layer, and the padded rows are dropped so they can neither win an argmax nor take
             probability mass.
 
     Returns:
-        ``fn(input_ids [b, s], position_ids [b, s]) -> float32 logits [b, s, vocab_size]``.
+        ``fn(input_ids [b, s], position_ids [b, s]) -> float32 logits [b, s, vocab_size]``, with
+        ``prefill`` / ``extend`` for KV-cached greedy decoding.
     """
-
-    @torch.no_grad()
-    def logits_fn(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids.to(device), position_ids.to(device))
-        return logits[..., :vocab_size].float()
-
-    return logits_fn
+    return MegatronLogitsFn(model, device, vocab_size)
 
 
 def max_position(model_config: ModelConfig) -> int:
@@ -236,27 +202,14 @@ def load_hf_model(
     return model, meta
 
 
-def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
-    """A ``LogitsFn`` over a Hugging Face causal LM; ``position_ids`` are passed explicitly.
+def hf_logits_fn(model: torch.nn.Module) -> HFLogitsFn:
+    """A ``CachedLogitsFn`` over a Hugging Face causal LM; ``position_ids`` are passed explicitly.
 
     An all-ones ``attention_mask`` is passed too: without a mask and a cache, transformers reads a
     jump in ``position_ids`` (such as EndPrompt's ``0..a-1, L-t..L-1``) as the start of another
     packed sequence and masks attention across it; the mask keeps plain causal attention.
     """
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def logits_fn(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        input_ids = input_ids.to(device)
-        out = model(
-            input_ids=input_ids,
-            position_ids=position_ids.to(device),
-            attention_mask=torch.ones_like(input_ids),
-            use_cache=False,
-        )
-        return out.logits.float()
-
-    return logits_fn
+    return HFLogitsFn(model)
 
 
 def _read_jsonl(path: str, key: str, tokenizer: Any) -> list[list[int]]:

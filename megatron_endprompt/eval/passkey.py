@@ -10,6 +10,8 @@ A prompt of exactly ``length`` tokens: repeated filler sentences with one needle
   A token without a digit (SentencePiece's lone leading "▁", the byte tokenizer's space) is not
   scored: it is predictable without retrieving anything. Stored as ``token_accuracy``.
 
+The greedy answer text of every trial is kept too (``answers``), to read what a model said.
+
 Prompts are built at the token level (each sentence tokenized once, with a leading space so the
 pieces join like running text), which makes the length exact for any tokenizer. The length counts
 the BOS token (when the tokenizer has one) and the question, not the generated answer.
@@ -189,6 +191,8 @@ class PasskeyResult:
     digits: int
     exact_match: list[list[float]] = field(default_factory=list)
     token_accuracy: list[list[float]] = field(default_factory=list)
+    # Greedy answer text of every trial: answers[length][depth][trial].
+    answers: list[list[list[str]]] = field(default_factory=list)
 
     def mean_by_length(self, metric: str = "exact_match") -> dict[int, float]:
         """Mean over depths of ``metric`` ("exact_match" or "token_accuracy") per length."""
@@ -208,6 +212,7 @@ class PasskeyResult:
             "digits": self.digits,
             "exact_match": self.exact_match,
             "token_accuracy": self.token_accuracy,
+            "answers": self.answers,
             "mean_exact_match_by_length": {str(k): v for k, v in self.mean_by_length().items()},
             "mean_token_accuracy_by_length": {
                 str(k): v for k, v in self.mean_by_length("token_accuracy").items()
@@ -217,19 +222,21 @@ class PasskeyResult:
 
 def score_passkey_trial(
     logits_fn: LogitsFn, tokenizer: Tokenizer, prompt: PasskeyPrompt
-) -> tuple[float, float]:
-    """``(exact match 0/1, teacher-forced digit accuracy)`` of one trial.
+) -> tuple[float, float, str]:
+    """``(exact match 0/1, teacher-forced digit accuracy, greedy answer text)`` of one trial.
 
-    Greedy decoding runs one token past the answer so that an extra digit counts as wrong.
+    Greedy decoding runs one token past the answer so that an extra digit counts as wrong. With a
+    KV-cached model both metrics share one forward pass of the prompt.
     """
     generated = greedy_decode(
         logits_fn, prompt.ids, len(prompt.answer_ids) + 1, stop_ids=(tokenizer.eod,)
     )
-    exact = float(leading_digits(tokenizer.detokenize(generated)) == prompt.key)
+    answer = tokenizer.detokenize(generated)
+    exact = float(leading_digits(answer) == prompt.key)
     correct = teacher_forced_token_correct(logits_fn, prompt.ids, prompt.answer_ids)
     scored = [ok for ok, t in zip(correct, prompt.answer_ids) if key_token(tokenizer, t)]
     scored = scored or correct  # a tokenizer whose key pieces hold no digit text: score all
-    return exact, sum(scored) / len(scored)
+    return exact, sum(scored) / len(scored), answer
 
 
 def key_token(tokenizer: Tokenizer, token_id: int) -> bool:
@@ -275,7 +282,7 @@ def evaluate_passkey(
     )
     with bar:
         for length in lengths:
-            exact_row, token_row = [], []
+            exact_row, token_row, answer_row = [], [], []
             for depth in depths:
                 scores = []
                 for trial in range(trials):
@@ -284,6 +291,8 @@ def evaluate_passkey(
                     bar.update(1)
                 exact_row.append(float(np.mean([s[0] for s in scores])))
                 token_row.append(float(np.mean([s[1] for s in scores])))
+                answer_row.append([s[2] for s in scores])
             result.exact_match.append(exact_row)
             result.token_accuracy.append(token_row)
+            result.answers.append(answer_row)
     return result

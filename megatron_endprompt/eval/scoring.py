@@ -4,7 +4,8 @@ Every evaluation talks to the model through a ``LogitsFn``: a callable taking ``
 and ``position_ids`` [b, s] (both int64, built on the CPU) and returning logits [b, s, V]. The
 callable owns device placement: it moves the inputs to wherever its model lives, so this module
 never names a device. Logits may come back on any device and in any float dtype; reductions that
-must be exact (cross-entropy) are done in float64.
+must be exact (cross-entropy) are done in float64. A ``CachedLogitsFn`` adds KV-cached incremental
+decoding, which greedy decoding and teacher forcing use when it is there.
 """
 
 from __future__ import annotations
@@ -71,16 +72,69 @@ def _check_ids(name: str, ids: Sequence[int], allow_empty: bool = False) -> list
     return ids
 
 
-def _forward(logits_fn: LogitsFn, ids: list[int], position_offset: int = 0) -> torch.Tensor:
-    """Logits [s, V] of one sequence at contiguous positions starting at ``position_offset``."""
+@runtime_checkable
+class CachedLogitsFn(LogitsFn, Protocol):
+    """A ``LogitsFn`` that also decodes one sequence incrementally, with a KV cache.
+
+    ``prefill`` starts a sequence (dropping the previous one) and returns the next-token logits
+    [V] after its last token; a prefill with exactly the ids and positions of the previous
+    prefill rewinds to it instead of recomputing, so several continuations of one prompt cost one
+    long forward pass. ``extend`` appends one token at one position and returns the logits [V]
+    after it. The logits equal the last row of a full ``logits_fn`` pass over the sequence, up to
+    float rounding (a different reduction order).
+    """
+
+    def prefill(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Start a sequence; logits [V] after its last token."""
+        ...
+
+    def extend(self, token: int, position: int) -> torch.Tensor:
+        """Append one token; logits [V] after it."""
+        ...
+
+
+def _forward(logits_fn: LogitsFn, ids: list[int], positions: list[int]) -> torch.Tensor:
+    """Logits [s, V] of one sequence at the given position ids."""
     input_ids = torch.tensor([ids], dtype=torch.long)
-    position_ids = torch.arange(position_offset, position_offset + len(ids), dtype=torch.long)
-    logits = logits_fn(input_ids, position_ids.unsqueeze(0))
+    position_ids = torch.tensor([positions], dtype=torch.long)
+    logits = logits_fn(input_ids, position_ids)
     if logits.dim() != 3 or tuple(logits.shape[:2]) != (1, len(ids)):
         raise ValueError(
             f"logits_fn must return logits [1, {len(ids)}, V], got {tuple(logits.shape)}"
         )
     return logits[0]
+
+
+def _prompt_positions(n: int, offset: int, position_ids: Sequence[int] | None) -> list[int]:
+    if position_ids is None:
+        if offset < 0:
+            raise ValueError(f"position_offset must be >= 0, got {offset}")
+        return list(range(offset, offset + n))
+    positions = [int(p) for p in position_ids]
+    if len(positions) != n or any(p < 0 for p in positions):
+        raise ValueError(f"position_ids must hold {n} non-negative ids, got {positions!r}")
+    return positions
+
+
+class _Continuation:
+    """Logits after a prompt and after each token appended to it, cached or recomputed."""
+
+    def __init__(self, logits_fn: LogitsFn, ids: list[int], positions: list[int], cache: bool):
+        self.fn, self.ids, self.positions = logits_fn, list(ids), list(positions)
+        self.cached = cache and isinstance(logits_fn, CachedLogitsFn)
+
+    def first(self) -> torch.Tensor:
+        if self.cached:
+            return self.fn.prefill(self.ids, self.positions)
+        return _forward(self.fn, self.ids, self.positions)[-1]
+
+    def append(self, token: int) -> torch.Tensor:
+        """Append ``token`` at the position after the last one (generation is contiguous)."""
+        self.ids.append(token)
+        self.positions.append(self.positions[-1] + 1)
+        if self.cached:
+            return self.fn.extend(token, self.positions[-1])
+        return _forward(self.fn, self.ids, self.positions)[-1]
 
 
 @torch.no_grad()
@@ -90,20 +144,24 @@ def greedy_decode(
     max_new_tokens: int,
     stop_ids: Sequence[int] = (),
     position_offset: int = 0,
+    position_ids: Sequence[int] | None = None,
+    use_cache: bool = True,
 ) -> list[int]:
     """Greedy (argmax) continuation of ``prompt_ids``.
 
-    There is no KV cache: every step re-runs the whole sequence, so the cost is
-    ``max_new_tokens`` full forward passes over ``len(prompt_ids) + max_new_tokens`` tokens.
-    That is fine for the few-token answers of passkey and needle tasks and keeps the model
-    interface a plain ``LogitsFn``. Ties are broken towards the lowest id (``torch.argmax``).
+    With a :class:`CachedLogitsFn` (and ``use_cache``) the prompt is run once and every generated
+    token costs one short step over the KV cache; otherwise every step re-runs the whole sequence
+    (``max_new_tokens`` full forward passes). Generated tokens take the positions after the
+    prompt's last one. Ties are broken towards the lowest id (``torch.argmax``).
 
     Args:
         logits_fn: the model.
         prompt_ids: the prompt (non-empty).
         max_new_tokens: how many tokens to generate at most (>= 0).
         stop_ids: generation stops at the first of these ids; it is not returned.
-        position_offset: position id of the first prompt token (positions are contiguous).
+        position_offset: position id of the first prompt token (contiguous prompt positions).
+        position_ids: explicit prompt positions instead (e.g. an EndPrompt layout).
+        use_cache: use the KV cache when ``logits_fn`` has one.
 
     Returns:
         The generated ids (without the prompt and without the stop id).
@@ -113,32 +171,48 @@ def greedy_decode(
         raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if position_offset < 0:
-        raise ValueError(f"position_offset must be >= 0, got {position_offset}")
+    positions = _prompt_positions(len(ids), position_offset, position_ids)
     stops = {int(s) for s in stop_ids}
     generated: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = _forward(logits_fn, ids + generated, position_offset)
-        next_id = int(torch.argmax(logits[-1]).item())
+    if max_new_tokens == 0:
+        return generated
+    run = _Continuation(logits_fn, ids, positions, use_cache)
+    logits = run.first()
+    while True:
+        next_id = int(torch.argmax(logits).item())
         if next_id in stops:
             break
         generated.append(next_id)
+        if len(generated) == max_new_tokens:
+            break
+        logits = run.append(next_id)
     return generated
 
 
 @torch.no_grad()
 def teacher_forced_token_correct(
-    logits_fn: LogitsFn, prompt_ids: Sequence[int], answer_ids: Sequence[int]
+    logits_fn: LogitsFn,
+    prompt_ids: Sequence[int],
+    answer_ids: Sequence[int],
+    use_cache: bool = True,
 ) -> list[bool]:
     """Whether each answer token is the argmax given the prompt and the true answer prefix.
 
-    One forward pass over ``prompt + answer[:-1]`` at positions 0..; the prediction for answer
-    token k is read at input position ``len(prompt) - 1 + k``.
+    Positions 0..; the prediction for answer token k is read after input
+    ``len(prompt) - 1 + k``. Without a cache: one forward pass over ``prompt + answer[:-1]``;
+    with one: the prompt (shared with a greedy decode of the same prompt) plus one short step per
+    answer token but the last.
     """
     prompt = _check_ids("prompt_ids", prompt_ids)
     answer = _check_ids("answer_ids", answer_ids)
-    logits = _forward(logits_fn, prompt + answer[:-1])
-    predicted = torch.argmax(logits[len(prompt) - 1 :], dim=-1).cpu()
+    run = _Continuation(logits_fn, prompt, list(range(len(prompt))), use_cache)
+    if run.cached:
+        rows = [run.first()] + [run.append(t) for t in answer[:-1]]
+        predicted = torch.stack([torch.argmax(r) for r in rows]).cpu()
+    else:
+        ids = prompt + answer[:-1]
+        logits = _forward(logits_fn, ids, list(range(len(ids))))
+        predicted = torch.argmax(logits[len(prompt) - 1 :], dim=-1).cpu()
     return (predicted == torch.tensor(answer, dtype=torch.long)).tolist()
 
 

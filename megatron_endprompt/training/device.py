@@ -15,6 +15,8 @@ Everything device-specific lives here so the model, data and loss code stay devi
 * ``accelerator``: the torch device and process-group backend of ``--device``; the one place that
   maps ``cuda`` to a device (the CUDA-emulation tests answer CPU/gloo here).
 * ``synchronize``, ``move_to_device``: the few CUDA calls the training path makes itself.
+* ``all_reduce``: the one "reduce over a group when it has more than one rank" helper.
+* ``backend_kind``: which training backend a device gets (chosen once per run).
 """
 
 from __future__ import annotations
@@ -61,6 +63,23 @@ def accelerator(device_type: str) -> tuple[torch.device, str]:
     if device_type != "cpu":
         raise ValueError(f"--device={device_type!r}: must be cpu or cuda")
     return torch.device("cpu"), "gloo"
+
+
+def backend_kind(device_type: str) -> str:
+    """``megatron`` (megatron-core DDP, optimizer, schedules, dist checkpoints) on CUDA, else
+    ``local`` (gloo, torch DDP, torch AdamW; megatron-core's schedules need CUDA in 0.16.1)."""
+    return "megatron" if device_type == "cuda" else "local"
+
+
+def all_reduce(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+) -> torch.Tensor:
+    """Reduce ``tensor`` in place over ``group`` (a no-op for None, one rank, or no dist)."""
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,9 +1,9 @@
 """The training loop: load, step, log, evaluate, save; reads top to bottom.
 
 ``train(run)`` is what ``python -m megatron_endprompt.train`` (under torchrun or alone) calls.
-CPU runs use gloo + torch DDP + AdamW (``step.train_step_cpu``); CUDA runs use megatron-core's
-DDP, optimizer and pipeline schedules (``megatron_step``). Data, model, loss and checkpoints are
-the same on both.
+The device picks the backend once (backend.py): CPU runs use gloo + torch DDP + AdamW, CUDA runs
+megatron-core's DDP, optimizer and pipeline schedules. Data, model, loss and the checkpoint
+directory contract are the same on both.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from megatron_endprompt.cli import RunConfig
-from megatron_endprompt.training import checkpoint as ckpt
+from megatron_endprompt.training.backend import make_backend
 from megatron_endprompt.training.data import cycle_iterator, make_data_iterator
 from megatron_endprompt.training.logging import (
     MetricsLogger,
@@ -24,14 +24,8 @@ from megatron_endprompt.training.logging import (
 )
 from megatron_endprompt.training.runtime import Runtime, seed_everything, setup_runtime
 from megatron_endprompt.training.signals import ExitSignalHandler
-from megatron_endprompt.training.state import (
-    TrainState,
-    build_datasets_for_run,
-    build_training_objects,
-    load_into,
-    state_to_save,
-)
-from megatron_endprompt.training.step import StepShape, evaluate_cpu, train_step_cpu
+from megatron_endprompt.training.state import TrainState, build_datasets_for_run
+from megatron_endprompt.training.step import StepShape
 
 
 @dataclass
@@ -70,46 +64,13 @@ def _flops_per_token(run: RunConfig) -> float:
     )
 
 
-def _save(run: RunConfig, rt: Runtime, objs, state: TrainState) -> str | None:
+def _save(run: RunConfig, rt: Runtime, backend, objs, state: TrainState) -> str | None:
     if not run.checkpoint.save:
         return None
-    if run.device == "cuda":
-        from megatron_endprompt.training import dist_checkpoint
-
-        path = dist_checkpoint.save(run, rt, objs, state)
-        if rt.is_logging_rank:
-            print(f"saved checkpoint {path}", flush=True)
-        return path
-    rank = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, rt.dp_rank)
-    path = ckpt.save_checkpoint(
-        run.checkpoint.save,
-        state.iteration,
-        state_to_save(run, objs, state),
-        rank,
-        keep_last=run.checkpoint.keep_last,
-    )
+    path = backend.save(objs, state)
     if rt.is_logging_rank:
         print(f"saved checkpoint {path}", flush=True)
     return path
-
-
-def _step_fns(run: RunConfig, rt: Runtime, objs, shape: StepShape):
-    """(train_step(data_iter) -> metrics, evaluate(data_iter) -> loss) for the run's device."""
-    t = run.training
-    if run.device == "cuda":
-        from megatron_endprompt.training.megatron_step import (
-            evaluate_megatron,
-            train_step_megatron,
-        )
-
-        return (
-            lambda it: train_step_megatron(objs.model, objs.optimizer, it, shape, rt),
-            lambda it: evaluate_megatron(objs.model, it, shape, rt, t.eval_iters),
-        )
-    return (
-        lambda it: train_step_cpu(objs.model, objs.optimizer, it, shape, rt, t.clip_grad),
-        lambda it: evaluate_cpu(objs.model, it, shape, rt, t.eval_iters),
-    )
 
 
 @dataclass
@@ -171,10 +132,11 @@ def train(run: RunConfig) -> TrainResult:
         p.context_parallel_size,
     )
     seed_everything(t.seed)
-    objs = build_training_objects(run, rt)
-    state = load_into(run, rt, objs)
-    train_ds, valid_ds = build_datasets_for_run(run, rt, objs.tokenizer)
     shape = StepShape(t.micro_batch_size, run.model.seq_length, run.num_microbatches)
+    backend = make_backend(run, rt, shape)
+    objs = backend.build()
+    state = backend.load(objs) if run.checkpoint.load else TrainState()
+    train_ds, valid_ds = build_datasets_for_run(run, rt, objs.tokenizer)
     train_iter = make_data_iterator(
         train_ds,
         state.consumed_samples,
@@ -184,7 +146,6 @@ def train(run: RunConfig) -> TrainResult:
         run.data.num_workers,
     )
     valid_iter = cycle_iterator(valid_ds, t.micro_batch_size, rt.dp_rank, rt.dp_size)
-    step, evaluate = _step_fns(run, rt, objs, shape)
     plot_dir = run.logging.tensorboard_dir or run.checkpoint.save
     logger = MetricsLogger(
         run.logging.tensorboard_dir,
@@ -197,7 +158,7 @@ def train(run: RunConfig) -> TrainResult:
     meter = _Meter(t.global_batch_size * run.model.seq_length)
     losses, grad_norms, last_path, interrupted, valid_loss = [], [], None, False, None
     while state.iteration < run.train_iters:
-        metrics = step(train_iter)
+        metrics = backend.train_step(objs, train_iter)
         if not metrics.get("skipped"):
             # As Megatron-LM: the LR schedule advances only on a successful update (an fp16
             # overflow skips the step); iterations and consumed samples always advance.
@@ -210,7 +171,7 @@ def train(run: RunConfig) -> TrainResult:
         if _due(run.logging.log_interval, state.iteration) or state.iteration == run.train_iters:
             _log(run, rt, logger, objs, state, metrics, meter)
         if t.eval_iters and _due(t.eval_interval, state.iteration):
-            valid_loss = evaluate(valid_iter)
+            valid_loss = backend.evaluate(objs, valid_iter)
             logger.log_eval(state.iteration, valid_loss)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at iteration {state.iteration}")
@@ -219,15 +180,15 @@ def train(run: RunConfig) -> TrainResult:
         stop = _due(t.exit_interval, state.iteration)
         stop = (handler is not None and handler.should_exit(rt.device)) or stop
         if stop or _due(run.checkpoint.save_interval, state.iteration):
-            last_path = _save(run, rt, objs, state)
+            last_path = _save(run, rt, backend, objs, state)
         if stop:
             interrupted = True
             break
     if not interrupted:
         if t.eval_iters and not _due(t.eval_interval, state.iteration):
-            valid_loss = evaluate(valid_iter)
+            valid_loss = backend.evaluate(objs, valid_iter)
             logger.log_eval(state.iteration, valid_loss)
-        last_path = _save(run, rt, objs, state) or last_path
+        last_path = _save(run, rt, backend, objs, state) or last_path
     if handler is not None:
         handler.restore()
     logger.close()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_endprompt.training.device import all_reduce
+
 
 def global_weight_sum(
     loss_masks: list[torch.Tensor], group: dist.ProcessGroup | None = None
@@ -29,9 +31,7 @@ def global_weight_sum(
     total = torch.zeros((), dtype=torch.float64, device=loss_masks[0].device)
     for mask in loss_masks:
         total += mask.double().sum()
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
-    return total
+    return all_reduce(total, group)
 
 
 def weighted_loss_sum(per_token_loss_bs: torch.Tensor, loss_mask_bs: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,15 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
-from megatron_endprompt.training.device import move_to_device
-from megatron_endprompt.training.loss import global_weight_sum, microbatch_objective
+from megatron_endprompt.training.device import all_reduce, move_to_device
+from megatron_endprompt.training.loss import (
+    global_weight_sum,
+    masked_loss_sum,
+    microbatch_objective,
+)
 from megatron_endprompt.training.runtime import Runtime
-from megatron_endprompt.training.step import StepShape, fetch_microbatches
+from megatron_endprompt.training.step import StepShape, fetch_microbatches, weighted_mean
 
 
 def batch_shared_layout(run) -> bool:
@@ -193,9 +196,9 @@ def train_step_megatron(
     weighted = torch.zeros((), dtype=torch.float64, device=rt.device)
     for out in outputs or []:
         weighted += out["weighted_sum"].double()
-    if rt.is_last_stage and rt.dp_cp_group is not None and dist.get_world_size(rt.dp_cp_group) > 1:
-        dist.all_reduce(weighted, group=rt.dp_cp_group)
-    loss = float(weighted / w_total) if float(w_total) > 0 else 0.0
+    if rt.is_last_stage:  # only the last stage holds losses (and its DP x CP peers too)
+        all_reduce(weighted, rt.dp_cp_group)
+    loss = weighted_mean(weighted, w_total, empty=0.0)
     return {
         "loss": loss,
         # A skipped (fp16 overflow) step has no norm; megatron returns None.
@@ -225,8 +228,9 @@ def evaluate_megatron(
         total += sum(b["loss_mask"].double().sum() for b in batches)
 
         def loss_fn(loss_mask, per_token_loss):
-            wsum = (per_token_loss.double() * loss_mask.double()).sum()
-            return wsum.float(), {"weighted_sum": wsum}
+            wsum, _ = masked_loss_sum(per_token_loss, loss_mask)
+            # The schedule rescales the returned loss in place: report a copy.
+            return wsum, {"weighted_sum": wsum.detach().clone()}
 
         outputs = get_forward_backward_func()(
             forward_step_func=lambda it, m: _forward_step(it, m, loss_fn),
@@ -238,10 +242,9 @@ def evaluate_megatron(
             forward_only=True,
         )
         for out in outputs or []:
-            weighted += out["weighted_sum"]
-    for group_tensor in (weighted, total):
-        if rt.dp_cp_group is not None and dist.get_world_size(rt.dp_cp_group) > 1:
-            dist.all_reduce(group_tensor, group=rt.dp_cp_group)
+            weighted += out["weighted_sum"].double()
+    all_reduce(weighted, rt.dp_cp_group)
+    all_reduce(total, rt.dp_cp_group)
     for chunk in model:
         chunk.train()
-    return float(weighted / total) if float(total) > 0 else float("nan")
+    return weighted_mean(weighted, total, empty=float("nan"))

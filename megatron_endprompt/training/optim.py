@@ -15,6 +15,8 @@ import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
+from megatron_endprompt.training.device import all_reduce
+
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """Two groups: decayed matrices, and biases / norm weights / 1-D params without decay.
@@ -84,13 +86,7 @@ def grad_norm(
     for p in params:
         if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
             total += p.grad.detach().double().pow(2).sum().cpu()
-    if (
-        model_parallel_group is not None
-        and dist.is_initialized()
-        and dist.get_world_size(model_parallel_group) > 1
-    ):
-        dist.all_reduce(total, group=model_parallel_group)
-    return math.sqrt(float(total))
+    return math.sqrt(float(all_reduce(total, model_parallel_group)))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, norm: float) -> None:

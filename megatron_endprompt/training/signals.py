@@ -8,6 +8,8 @@ import types
 import torch
 import torch.distributed as dist
 
+from megatron_endprompt.training.device import all_reduce
+
 
 class ExitSignalHandler:
     """Records SIGTERM (and SIGINT if asked) instead of dying mid-step.
@@ -28,9 +30,8 @@ class ExitSignalHandler:
     def should_exit(self, device: torch.device) -> bool:
         """True on every rank when any rank received a signal."""
         flag = torch.tensor(1 if self.received is not None else 0, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        world = dist.group.WORLD if dist.is_initialized() else None
+        return bool(all_reduce(flag, world, op=dist.ReduceOp.MAX).item())
 
     def restore(self) -> None:
         """Reinstall the previous handlers."""

@@ -1,6 +1,6 @@
-"""What the loop builds once: tokenizer, model, optimizer, scheduler, datasets; and resume.
+"""What a run holds besides the loop: progress, the built objects, tokenizer, schedule, datasets.
 
-Kept apart from loop.py so the loop reads as a loop.
+Kept apart from loop.py so the loop reads as a loop; the backends (backend.py) build the objects.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from megatron_endprompt.data.builder import (
 )
 from megatron_endprompt.data.dataset import EndPromptDatasetConfig
 from megatron_endprompt.data.tokenizers import build_tokenizer
-from megatron_endprompt.model.gpt import build_model
 from megatron_endprompt.training import checkpoint as ckpt
-from megatron_endprompt.training.checkpoint import ShardRank
-from megatron_endprompt.training.optim import build_adamw, build_scheduler
+from megatron_endprompt.training.optim import build_scheduler
 from megatron_endprompt.training.runtime import Runtime
 
 
@@ -36,46 +34,27 @@ class TrainState:
 
 @dataclass
 class TrainingObjects:
-    """The built model (possibly DDP-wrapped), its unwrapped module, optimizer and scheduler."""
+    """What a backend builds: model chunks (wrapped and bare), optimizer, LR schedule.
+
+    ``model`` / ``module``: one entry per virtual pipeline stage (one without VPP), wrapped
+    (DDP, Float16Module) and unwrapped.
+    """
 
     tokenizer: Any
-    model: torch.nn.Module
-    module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    model: list[torch.nn.Module]
+    module: list[torch.nn.Module]
+    optimizer: Any
     scheduler: Any
 
 
-def build_training_objects(run: RunConfig, rt: Runtime) -> TrainingObjects:
-    """Tokenizer -> model (vocab from the tokenizer) -> DDP -> optimizer -> LR schedule.
-
-    CPU: one module, torch DDP, torch AdamW. CUDA: megatron-core model chunks, DDP and optimizer
-    (``objs.model`` / ``objs.module`` are then lists of chunks).
-    """
+def build_tokenizer_for_run(run: RunConfig):
+    """The run's tokenizer; the model's vocabulary size becomes the tokenizer's."""
     tokenizer = build_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
     run.model = dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
-    if run.device == "cuda":
-        return _build_megatron_objects(run, rt, tokenizer)
-    module = build_model(run.model, run.parallel, seed=run.training.seed).to(rt.device)
-    model = module
-    if rt.dp_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(module, process_group=rt.dp_group)
-    t = run.training
-    optimizer = build_adamw(module, t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_eps)
-    return TrainingObjects(tokenizer, model, module, optimizer, _scheduler(run, optimizer))
+    return tokenizer
 
 
-def _build_megatron_objects(run: RunConfig, rt: Runtime, tokenizer) -> TrainingObjects:
-    from megatron_endprompt.training.megatron_step import (
-        build_megatron_training,
-        build_model_chunks,
-    )
-
-    chunks = build_model_chunks(run, rt)
-    wrapped, optimizer = build_megatron_training(run, rt, chunks)
-    return TrainingObjects(tokenizer, wrapped, chunks, optimizer, _scheduler(run, optimizer))
-
-
-def _scheduler(run: RunConfig, optimizer):
+def build_scheduler_for_run(run: RunConfig, optimizer):
     """megatron-core's LR/WD schedule for the run, counted in samples."""
     t = run.training
     return build_scheduler(
@@ -93,7 +72,7 @@ def _scheduler(run: RunConfig, optimizer):
 def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> dict[str, Any]:
     """This rank's checkpoint shard."""
     return {
-        "model": objs.module.state_dict(),
+        "model": objs.module[0].state_dict(),
         "optimizer": objs.optimizer.state_dict(),
         "scheduler": objs.scheduler.state_dict(),
         "rng": ckpt.get_rng_state(),
@@ -101,37 +80,6 @@ def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> d
         "run_config": run.to_dict(),
         "format": "megatron_endprompt/v1",
     }
-
-
-def load_into(run: RunConfig, rt: Runtime, objs: TrainingObjects) -> TrainState:
-    """Resume (or, with --finetune, take weights only) from --load; fresh state otherwise."""
-    c = run.checkpoint
-    if not c.load:
-        return TrainState()
-    if run.device == "cuda":
-        from megatron_endprompt.training import dist_checkpoint
-
-        state = TrainState()
-        if not dist_checkpoint.load(run, rt, objs, state) and rt.is_logging_rank:
-            print(f"--load={c.load}: no checkpoint found, starting from scratch", flush=True)
-        return state
-    shard = ckpt.load_checkpoint(c.load, ShardRank(rt.tp_rank, rt.pp_rank, 0))
-    if shard is None:
-        if rt.is_logging_rank:
-            print(f"--load={c.load}: no checkpoint found, starting from scratch", flush=True)
-        return TrainState()
-    ckpt.load_model_weights(objs.module, shard, c.load, run.model)
-    if c.finetune:
-        return TrainState()
-    if not c.no_load_optim and "optimizer" in shard:
-        objs.optimizer.load_state_dict(shard["optimizer"])
-        objs.scheduler.load_state_dict(shard["scheduler"])
-    if not c.no_load_rng and "rng" in shard:
-        ckpt.set_rng_state(shard["rng"])
-    state = TrainState(shard.get("iteration", 0), shard.get("consumed_samples", 0))
-    if rt.is_logging_rank:
-        print(f"resumed from {c.load} at iteration {state.iteration}", flush=True)
-    return state
 
 
 def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
@@ -156,6 +104,9 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
         pose_num_chunks=e.pose_num_chunks,
         cues=e.cues,
         terminal_loss_weight=e.terminal_loss_weight,
+        terminal_source=e.terminal_source,
+        pose_chunk_sampler=e.pose_chunk_sampler,
+        pose_skip_text=e.pose_skip_text,
     )
 
 

@@ -1,8 +1,10 @@
-"""One training iteration and one evaluation pass on the CPU path (gloo, torch DDP, AdamW).
+"""The step core both backends share, and the local backend's iteration and evaluation.
 
-The iteration first fetches all its micro-batches, so the weight total W of the GLOBAL batch is
-known before any backward (see loss.py); then it accumulates gradients micro-batch by
-micro-batch (DDP synchronises only on the last one), clips the TP-aware global norm and steps.
+Shared: :class:`StepShape`, :func:`fetch_microbatches` (all micro-batches of an iteration first,
+so the weight total W of the GLOBAL batch is known before any backward, see loss.py) and
+:func:`weighted_mean`. The local (CPU: gloo, torch DDP, AdamW) iteration then accumulates
+gradients micro-batch by micro-batch (DDP synchronises only on the last one), clips the TP-aware
+global norm and steps; the megatron-core iteration is in megatron_step.py.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_endprompt.training.batch import BatchGroups, get_batch
-from megatron_endprompt.training.loss import global_weight_sum, microbatch_objective
+from megatron_endprompt.training.device import all_reduce
+from megatron_endprompt.training.loss import (
+    global_weight_sum,
+    masked_loss_sum,
+    microbatch_objective,
+)
 from megatron_endprompt.training.optim import clip_gradients, grad_norm
 from megatron_endprompt.training.runtime import Runtime
 
@@ -45,10 +51,9 @@ def fetch_microbatches(
     ]
 
 
-def _all_reduce(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(value, group=group)
-    return value
+def weighted_mean(weighted: torch.Tensor, total: torch.Tensor, empty: float) -> float:
+    """``sum(w * CE) / sum(w)`` of already reduced sums; ``empty`` when no weight at all."""
+    return float(weighted / total) if float(total) > 0 else empty
 
 
 def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -92,8 +97,8 @@ def train_step_cpu(
     norm = grad_norm(params, rt.model_parallel_group)
     clip_gradients(params, clip_grad, norm)
     optimizer.step()
-    _all_reduce(weighted, rt.dp_cp_group)
-    loss = float(weighted / w_total) if float(w_total) > 0 else 0.0
+    all_reduce(weighted, rt.dp_cp_group)
+    loss = weighted_mean(weighted, w_total, empty=0.0)
     return {"loss": loss, "grad_norm": norm, "weight_total": float(w_total)}
 
 
@@ -112,10 +117,10 @@ def evaluate_cpu(
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
     for _ in range(eval_iters):
         for batch in fetch_microbatches(data_iterator, shape, rt):
-            per_token = forward_loss(model, batch)
-            weighted += (per_token.double() * batch["loss_mask"].double()).sum()
-            total += batch["loss_mask"].double().sum()
-    _all_reduce(weighted, rt.dp_cp_group)
-    _all_reduce(total, rt.dp_cp_group)
+            wsum, msum = masked_loss_sum(forward_loss(model, batch), batch["loss_mask"])
+            weighted += wsum.double()
+            total += msum.double()
+    all_reduce(weighted, rt.dp_cp_group)
+    all_reduce(total, rt.dp_cp_group)
     model.train(was_training)
-    return float(weighted / total) if float(total) > 0 else float("nan")
+    return weighted_mean(weighted, total, empty=float("nan"))

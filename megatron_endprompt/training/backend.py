@@ -1,0 +1,157 @@
+"""The backend seam: build, train_step, evaluate, save, load; two implementations.
+
+* :class:`LocalBackend` (CPU): gloo, torch DDP, torch AdamW, the per-shard checkpoint format.
+* :class:`MegatronBackend` (CUDA): megatron-core DDP, (distributed) optimizer, pipeline
+  schedules, ``dist_checkpointing``.
+
+Chosen once per run from the device (:func:`make_backend`, ``device.backend_kind``); the loop
+only talks to the protocol. Both share the step core (``step.fetch_microbatches``,
+``weighted_mean``, ``loss.py``, ``device.all_reduce``) and the checkpoint publishing
+(``checkpoint.publish_iteration``).
+Model chunks are a list everywhere (length 1 without virtual pipeline stages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from megatron_endprompt.model.gpt import build_model
+from megatron_endprompt.training import checkpoint as ckpt
+from megatron_endprompt.training import dist_checkpoint, megatron_step
+from megatron_endprompt.training.device import backend_kind
+from megatron_endprompt.training.optim import build_adamw
+from megatron_endprompt.training.runtime import Runtime
+from megatron_endprompt.training.state import (
+    TrainingObjects,
+    TrainState,
+    build_scheduler_for_run,
+    build_tokenizer_for_run,
+    state_to_save,
+)
+from megatron_endprompt.training.step import StepShape, evaluate_cpu, train_step_cpu
+
+
+class Backend(Protocol):
+    """What the training loop needs from a backend."""
+
+    def build(self) -> TrainingObjects:
+        """Tokenizer, model chunks (wrapped and bare), optimizer, LR schedule."""
+
+    def load(self, objs: TrainingObjects) -> TrainState:
+        """Resume (or --finetune) from --load; a fresh state when there is nothing to load."""
+
+    def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
+        """One iteration: ``loss``, ``grad_norm`` (+ ``skipped``, ``loss_scale`` when known)."""
+
+    def evaluate(self, objs: TrainingObjects, data_iterator: Iterator | None) -> float:
+        """Global weighted validation loss over --eval-iters iterations."""
+
+    def save(self, objs: TrainingObjects, state: TrainState) -> str:
+        """Write and publish the checkpoint of ``state.iteration``; returns its directory."""
+
+
+@dataclass
+class LocalBackend:
+    """CPU: gloo, torch DDP over the data-parallel group, torch AdamW, per-shard checkpoints."""
+
+    run: object
+    rt: Runtime
+    shape: StepShape
+
+    def build(self) -> TrainingObjects:
+        run, rt = self.run, self.rt
+        tokenizer = build_tokenizer_for_run(run)
+        module = build_model(run.model, run.parallel, seed=run.training.seed).to(rt.device)
+        model = module
+        if rt.dp_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(module, process_group=rt.dp_group)
+        t = run.training
+        betas = (t.adam_beta1, t.adam_beta2)
+        optimizer = build_adamw(module, t.lr, t.weight_decay, betas, t.adam_eps)
+        scheduler = build_scheduler_for_run(run, optimizer)
+        return TrainingObjects(tokenizer, [model], [module], optimizer, scheduler)
+
+    def load(self, objs: TrainingObjects) -> TrainState:
+        c, rt = self.run.checkpoint, self.rt
+        shard = ckpt.load_checkpoint(c.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0))
+        if shard is None:
+            return _nothing_to_load(c.load, rt)
+        ckpt.load_model_weights(objs.module[0], shard, c.load, self.run.model)
+        if c.finetune:
+            return TrainState()
+        if not c.no_load_optim and "optimizer" in shard:
+            objs.optimizer.load_state_dict(shard["optimizer"])
+            objs.scheduler.load_state_dict(shard["scheduler"])
+        if not c.no_load_rng and "rng" in shard:
+            ckpt.set_rng_state(shard["rng"])
+        state = TrainState(shard.get("iteration", 0), shard.get("consumed_samples", 0))
+        if rt.is_logging_rank:
+            print(f"resumed from {c.load} at iteration {state.iteration}", flush=True)
+        return state
+
+    def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
+        (model,) = objs.model
+        clip = self.run.training.clip_grad
+        return train_step_cpu(model, objs.optimizer, data_iterator, self.shape, self.rt, clip)
+
+    def evaluate(self, objs: TrainingObjects, data_iterator: Iterator | None) -> float:
+        (model,) = objs.model
+        iters = self.run.training.eval_iters
+        return evaluate_cpu(model, data_iterator, self.shape, self.rt, iters)
+
+    def save(self, objs: TrainingObjects, state: TrainState) -> str:
+        rt, c = self.rt, self.run.checkpoint
+        rank = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, rt.dp_rank)
+        shard = state_to_save(self.run, objs, state)
+        return ckpt.save_checkpoint(c.save, state.iteration, shard, rank, keep_last=c.keep_last)
+
+
+@dataclass
+class MegatronBackend:
+    """CUDA: megatron-core DDP, optimizer, schedules (PP, VPP) and dist checkpoints."""
+
+    run: object
+    rt: Runtime
+    shape: StepShape
+
+    def build(self) -> TrainingObjects:
+        run, rt = self.run, self.rt
+        tokenizer = build_tokenizer_for_run(run)
+        chunks = megatron_step.build_model_chunks(run, rt)
+        wrapped, optimizer = megatron_step.build_megatron_training(run, rt, chunks)
+        scheduler = build_scheduler_for_run(run, optimizer)
+        return TrainingObjects(tokenizer, wrapped, chunks, optimizer, scheduler)
+
+    def load(self, objs: TrainingObjects) -> TrainState:
+        state = TrainState()
+        if not dist_checkpoint.load(self.run, self.rt, objs, state):
+            return _nothing_to_load(self.run.checkpoint.load, self.rt)
+        return state
+
+    def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
+        return megatron_step.train_step_megatron(
+            objs.model, objs.optimizer, data_iterator, self.shape, self.rt
+        )
+
+    def evaluate(self, objs: TrainingObjects, data_iterator: Iterator | None) -> float:
+        iters, shape = self.run.training.eval_iters, self.shape
+        return megatron_step.evaluate_megatron(objs.model, data_iterator, shape, self.rt, iters)
+
+    def save(self, objs: TrainingObjects, state: TrainState) -> str:
+        return dist_checkpoint.save(self.run, self.rt, objs, state)
+
+
+def _nothing_to_load(load_dir: str, rt: Runtime) -> TrainState:
+    if rt.is_logging_rank:
+        print(f"--load={load_dir}: no checkpoint found, starting from scratch", flush=True)
+    return TrainState()
+
+
+def make_backend(run, rt: Runtime, shape: StepShape) -> Backend:
+    """The run's backend, chosen once from its device."""
+    kind = backend_kind(run.device)
+    return (MegatronBackend if kind == "megatron" else LocalBackend)(run, rt, shape)

@@ -27,8 +27,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bi
 
 from megatron_endprompt.data.builder import build_datasets
 from megatron_endprompt.data.dataset import EndPromptDatasetConfig
-from megatron_endprompt.data.preprocess import preprocess_jsonl
 from megatron_endprompt.data.tokenizers import ByteTokenizer
+from megatron_endprompt.prep.preprocess import preprocess_jsonl
 
 
 def write_synthetic_corpus(prefix: str, num_tokens: int, seed: int = 0) -> None:

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from megatron_endprompt.config import ModelConfig
+from megatron_endprompt import device
+from megatron_endprompt.config import ModelConfig, ParallelConfig
 from megatron_endprompt.data.tokenizers import ByteTokenizer
 from megatron_endprompt.eval import passkey, scoring
 from megatron_endprompt.eval.decoding import MegatronLogitsFn
@@ -37,6 +38,7 @@ def _model(length: int, layers: int, hidden: int) -> torch.nn.Module:
         num_attention_heads=hidden // 32, num_query_groups=hidden // 64, seq_length=length,
         max_position_embeddings=2 * length, vocab_size=259, make_vocab_size_divisible_by=64,
     )  # fmt: skip
+    device.ensure_model_parallel(ParallelConfig())
     return build_model(config, seed=0).eval()
 
 

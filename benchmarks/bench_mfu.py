@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 from megatron_endprompt import positions
-from megatron_endprompt.config import ModelConfig, ParallelConfig
-from megatron_endprompt.fp8 import check_fp8_shapes
-from megatron_endprompt.run_config import TrainingConfig
+from megatron_endprompt.config import ModelConfig, ParallelConfig, TrainingConfig
+from megatron_endprompt.config.fp8 import check_fp8_shapes
 from megatron_endprompt.training.logging import model_flops_per_token
 
 ARMS = ("contiguous", "endprompt")
@@ -197,7 +196,10 @@ def bench_precision(args: argparse.Namespace, name: str) -> dict[str, float]:
         config,
         seed=args.seed,
         use_cpu_initialization=args.device == "cpu",
-        apply_rope_fusion=args.impl == "te",  # used when the batch shares one layout
+        # One sample per micro-batch: every layout is batch-shared, so TE's fused RoPE applies to
+        # EndPrompt and contiguous alike; several samples with per-sample layouts cannot fuse.
+        batch_shared_positions=args.micro_batch_size == 1,
+        apply_rope_fusion=args.impl == "te" and args.micro_batch_size == 1,
         **overrides,
     )
     # As Float16Module does in training: every float tensor (norm weights too) in the params dtype.
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         ".*full scope is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=notice)
-    from megatron_endprompt.training import device as dev
+    from megatron_endprompt import device as dev
 
     try:
         args = parse_args(argv)

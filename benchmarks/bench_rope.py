@@ -38,14 +38,14 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_endprompt.model.rotary import PositionRotaryEmbedding
-from megatron_endprompt.model.specs import get_layer_spec
-from megatron_endprompt.training.device import (
+from megatron_endprompt.device import (
     destroy_distributed,
     init_distributed,
     initialize_model_parallel,
     model_parallel_seed,
 )
+from megatron_endprompt.model.rotary import PositionRotaryEmbedding
+from megatron_endprompt.model.specs import get_layer_spec
 
 
 def init_parallel(device: str) -> None:

@@ -23,8 +23,8 @@ import warnings
 import torch
 
 from megatron_endprompt.cli import parse_run_config
-from megatron_endprompt.data.corpus import prepare_corpus
-from megatron_endprompt.data.preprocess import preprocess_jsonl
+from megatron_endprompt.prep.corpus import prepare_corpus
+from megatron_endprompt.prep.preprocess import preprocess_jsonl
 from megatron_endprompt.training.loop import train
 
 L = 2048

@@ -3,7 +3,9 @@
 ``tools/plan.py --world-size N <training flags>`` (and every example script with ``DRY_RUN=1``)
 runs the same parsing and validation as training, for a cluster this machine need not be, and
 prints the parallel layout, batch arithmetic, token budget, parameter count, a rough per-GPU
-memory estimate and the position layout of a sample. Nothing is launched or read.
+memory estimate, the position layout of a sample and the distance coverage of the first samples
+(``--coverage-samples N``, ``--coverage-png PATH``; :mod:`megatron_endprompt.coverage`), drawn
+with the dataset's own per-sample generator. Nothing is launched or read.
 """
 
 from __future__ import annotations
@@ -12,8 +14,14 @@ import argparse
 
 import numpy as np
 
-from megatron_endprompt import positions
-from megatron_endprompt.cli import RunConfig, parse_run_config
+from megatron_endprompt.cli import parse_run_config
+from megatron_endprompt.cli_utils import parse_csv
+from megatron_endprompt.config import RunConfig
+from megatron_endprompt.coverage import distance_coverage, plot_coverage
+from megatron_endprompt.data.layouts import LayoutSpec, draw_layout, sample_rng
+
+DEFAULT_CUE_TOKENS = 12
+"""Cue length assumed in cue mode without --coverage-cue-lengths (planning reads no tokenizer)."""
 
 
 def parameter_count(run: RunConfig, vocab_size: int) -> int:
@@ -45,18 +53,59 @@ def memory_estimate_gib(run: RunConfig, n_params: int) -> float:
     return per_rank * (weight_bytes + 4 + optim_bytes) / 2**30
 
 
-def example_layout(run: RunConfig) -> np.ndarray:
-    """The position ids of sample 0 under the run's layout (cue of 12 tokens for cue mode)."""
-    e, S, L = run.endprompt, run.model.seq_length, run.target_length
-    rng = np.random.default_rng([run.training.seed, 0])
-    t = e.tail_length if e.terminal == "tail" else min(12, S - 1)
-    if e.position_mode == "contiguous":
-        return positions.contiguous_positions(S)
-    if e.position_mode == "pose":
-        return positions.pose_positions(S, L, e.pose_num_chunks, rng)
-    if e.position_mode == "endprompt":
-        return positions.endprompt_positions(S - t, t, L, e.placement, rng)
-    return positions.endprompt_pose_positions(S - t, t, L, e.pose_num_chunks, e.placement, rng)
+def layout_spec(run: RunConfig, cue_lengths: tuple[int, ...] | None = None) -> LayoutSpec:
+    """The run's position-layout configuration, as the dataset builds it.
+
+    Args:
+        run: the run.
+        cue_lengths: token count of each cue in cue mode (one is drawn per sample when several);
+            default one cue of ``min(12, S - 1)`` tokens, since planning reads no tokenizer.
+    """
+    e, S = run.endprompt, run.model.seq_length
+    lengths: tuple[int, ...] = ()
+    if e.position_mode in ("endprompt", "endprompt_pose"):
+        if e.terminal == "tail":
+            lengths = (e.tail_length,)
+        else:
+            lengths = tuple(cue_lengths or (min(DEFAULT_CUE_TOKENS, S - 1),))
+            if max(lengths) >= S:
+                raise ValueError(
+                    f"--coverage-cue-lengths={','.join(map(str, lengths))}: every cue must be "
+                    f"shorter than --seq-length={S}"
+                )
+    return LayoutSpec(
+        position_mode=e.position_mode,
+        sequence_length=S,
+        target_length=run.target_length,
+        placement=e.placement,
+        terminal_lengths=lengths,
+        pose_num_chunks=e.pose_num_chunks,
+        pose_chunk_sampler=e.pose_chunk_sampler,
+    )
+
+
+def example_layout(run: RunConfig, cue_lengths: tuple[int, ...] | None = None) -> np.ndarray:
+    """The position ids of dataset sample 0 (the dataset's own generator and draw)."""
+    spec = layout_spec(run, cue_lengths)
+    rng = sample_rng(run.training.seed, 0) if spec.needs_rng else None
+    return draw_layout(spec, rng).positions
+
+
+def describe_coverage(
+    run: RunConfig,
+    num_samples: int,
+    cue_lengths: tuple[int, ...] | None = None,
+    png: str | None = None,
+) -> str:
+    """The distance coverage of the run's first ``num_samples`` samples (and its PNG)."""
+    spec = layout_spec(run, cue_lengths)
+    report = distance_coverage(spec, run.training.seed, num_samples, run.target_length)
+    text = "coverage          " + report.format(indent=" " * 18)
+    if png:
+        e = run.endprompt
+        title = f"{e.position_mode} S={run.model.seq_length} L={run.target_length}"
+        text += f"\n{'':18}plot: {plot_coverage(report, png, title)}"
+    return text
 
 
 def _short(pos: np.ndarray) -> str:
@@ -65,7 +114,23 @@ def _short(pos: np.ndarray) -> str:
     return " ".join(map(str, pos[:4])) + " ... " + " ".join(map(str, pos[-6:]))
 
 
-def describe(run: RunConfig, vocab_size: int = 128256) -> str:
+def _layout_name(run: RunConfig) -> str:
+    """The layout and the options that shape it, e.g. ``endprompt (tail, fixed)``."""
+    e = run.endprompt
+    options = []
+    if e.position_mode in ("endprompt", "endprompt_pose"):
+        options += [e.terminal, e.placement]
+        if e.terminal == "tail":
+            options.append(f"text {e.terminal_source}")
+    if e.position_mode in ("pose", "endprompt_pose"):
+        options.append(f"{e.pose_num_chunks} chunks, sampler {e.pose_chunk_sampler}")
+        options.append("text skip" if e.pose_skip_text else "contiguous text")
+    return e.position_mode + (f" ({', '.join(options)})" if options else "")
+
+
+def describe(
+    run: RunConfig, vocab_size: int = 128256, cue_lengths: tuple[int, ...] | None = None
+) -> str:
     """A human-readable plan of the run."""
     p, t, m = run.parallel, run.training, run.model
     n = parameter_count(run, vocab_size)
@@ -82,8 +147,7 @@ def describe(run: RunConfig, vocab_size: int = 128256) -> str:
         f"rope              base {m.rotary_base}, scaling {m.rope_scaling.rope_type}"
         f" x{m.rope_scaling.factor}, impl {m.transformer_impl}",
         f"sequence          physical S={m.seq_length}, target L={run.target_length}",
-        f"layout            {run.endprompt.position_mode} ({run.endprompt.terminal}, "
-        f"{run.endprompt.placement}): {_short(example_layout(run))}",
+        f"layout            {_layout_name(run)}: {_short(example_layout(run, cue_lengths))}",
         f"batch             micro {t.micro_batch_size} x DP {run.data_parallel_size} x "
         f"{run.num_microbatches} micro-batches = global {t.global_batch_size}",
         f"budget            {run.train_iters} iterations, {tokens_iter:,} tokens/iter, "
@@ -105,12 +169,41 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Vocabulary size for the parameter count (default: preset's or 128256)",
     )
+    pre.add_argument(
+        "--coverage-samples",
+        type=int,
+        default=16,
+        help="Samples whose relative-distance coverage is reported (0: none; default 16)",
+    )
+    pre.add_argument("--coverage-png", default=None, help="Also plot the coverage to this PNG")
+    pre.add_argument(
+        "--coverage-cue-lengths",
+        default=None,
+        help=f"Cue mode: token count of each cue, e.g. 11,3,1 (default {DEFAULT_CUE_TOKENS})",
+    )
     known, rest = pre.parse_known_args(argv)
     try:
+        cue_lengths = _cue_lengths(known.coverage_cue_lengths)
+        if known.coverage_samples < 0:
+            raise ValueError(f"--coverage-samples={known.coverage_samples}: must be >= 0")
         run = parse_run_config(rest, world_size=known.world_size, cuda_available=True)
+        text = describe(run, known.vocab_size or run.model.vocab_size or 128256, cue_lengths)
+        if known.coverage_samples:
+            text += "\n" + describe_coverage(
+                run, known.coverage_samples, cue_lengths, known.coverage_png
+            )
     except ValueError as err:
         print(f"error: {err}")
         return 2
-    print(describe(run, known.vocab_size or run.model.vocab_size or 128256))
+    print(text)
     print("PLAN_OK")
     return 0
+
+
+def _cue_lengths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    lengths = tuple(parse_csv(text, "--coverage-cue-lengths", int))
+    if min(lengths) < 1:
+        raise ValueError(f"--coverage-cue-lengths {text!r}: every cue needs >= 1 token")
+    return lengths

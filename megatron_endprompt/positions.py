@@ -14,6 +14,11 @@ Layouts:
                     u_i with 0 = u_0 <= u_1 <= ... <= L - S.
     endprompt_pose  PoSE context inside [0, L - t), terminal anchored as in endprompt.
 
+PoSE chunk lengths follow one of two rules (``sampler``): ``paper`` (a uniform composition; for
+two chunks l0 ~ U{1 .. S-1}, the PoSE paper's appendix) or ``reference`` (l0 ~ U{1 .. (S+1)//2},
+the reference training code: the near chunk is the short one). :func:`pose_text_offsets` draws the
+optional text skip before each chunk (the reference code's ``v``).
+
 Worked example (S = 8, a = 5, t = 3, L = 64, fixed): ``[0 1 2 3 4 61 62 63]``.
 
 No torch, no megatron: these functions are cheap enough to run in every ``__getitem__``.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 PLACEMENTS = ("fixed", "random")
+POSE_CHUNK_SAMPLERS = ("paper", "reference")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -112,15 +118,81 @@ def _random_composition(S: int, num_chunks: int, rng: np.random.Generator) -> np
     return np.diff(np.concatenate(([0], cuts, [S]))).astype(np.int64)
 
 
+def _check_sampler(sampler: str, num_chunks: int) -> str:
+    if sampler not in POSE_CHUNK_SAMPLERS:
+        raise ValueError(f"sampler must be one of {POSE_CHUNK_SAMPLERS}, got {sampler!r}")
+    if sampler == "reference" and num_chunks > 2:
+        raise ValueError(
+            f"sampler='reference' draws the two chunks of the reference code: num_chunks must be "
+            f"<= 2, got num_chunks={num_chunks}"
+        )
+    return sampler
+
+
+def pose_chunk_lengths(
+    S: int, num_chunks: int, rng: np.random.Generator, sampler: str = "paper"
+) -> np.ndarray:
+    """PoSE chunk lengths (each >= 1) summing to S.
+
+    Args:
+        S: number of inputs to split (>= num_chunks).
+        num_chunks: number of chunks N.
+        rng: generator.
+        sampler: ``"paper"``: a uniformly drawn composition (the PoSE paper's appendix rule; for
+            N = 2, ``l0 ~ U{1 .. S-1}``) | ``"reference"``: ``l0 ~ U{1 .. (S+1)//2}``, the rest in
+            chunk 2 (the reference training code: the near chunk is the short one; N <= 2).
+
+    Returns:
+        int64 array of shape ``[num_chunks]``.
+    """
+    _check_sampler(sampler, num_chunks)
+    if sampler == "paper" or num_chunks == 1:
+        return _random_composition(S, num_chunks, rng)
+    first = int(rng.integers(1, (S + 1) // 2, endpoint=True))
+    return np.array([first, S - first], dtype=np.int64)
+
+
+def pose_chunks(
+    S: int,
+    L: int,
+    num_chunks: int = 2,
+    rng: np.random.Generator | None = None,
+    sampler: str = "paper",
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pose_positions` together with the chunk lengths it drew.
+
+    The lengths are needed to place each chunk's text (:func:`pose_text_offsets`): two chunks
+    whose biases are equal are not visible in the positions.
+
+    Returns:
+        ``(positions [S], chunk lengths [num_chunks])``, both int64.
+    """
+    S = _check_int("S", S, 1)
+    L = _check_int("L", L, 1)
+    num_chunks = _check_int("num_chunks", num_chunks, 1)
+    if num_chunks > S:
+        raise ValueError(f"num_chunks must be <= S, got num_chunks={num_chunks}, S={S}")
+    if S > L:
+        raise ValueError(f"S must be <= L (the target length), got S={S}, L={L}")
+    _check_sampler(sampler, num_chunks)
+    rng = _check_rng(rng, "pose_positions")
+    lengths = pose_chunk_lengths(S, num_chunks, rng, sampler)
+    biases = np.zeros(num_chunks, dtype=np.int64)
+    for i in range(1, num_chunks):
+        biases[i] = rng.integers(biases[i - 1], L - S, endpoint=True)
+    return np.arange(S, dtype=np.int64) + np.repeat(biases, lengths), lengths
+
+
 def pose_positions(
     S: int,
     L: int,
     num_chunks: int = 2,
     rng: np.random.Generator | None = None,
+    sampler: str = "paper",
 ) -> np.ndarray:
     """PoSE layout: S inputs in ``num_chunks`` chunks, each shifted by a skip bias.
 
-    Chunk lengths are a uniformly drawn composition of S (every chunk >= 1 token). Biases are
+    Chunk lengths come from :func:`pose_chunk_lengths` (every chunk >= 1 token). Biases are
     drawn in sequence as in the PoSE reference code: ``u_0 = 0`` and
     ``u_i ~ U{u_{i-1}, ..., L - S}``, so they are non-decreasing and the last position is at most
     ``L - 1``. Within a chunk the order is kept.
@@ -130,23 +202,38 @@ def pose_positions(
         L: target context window (>= S).
         num_chunks: number of chunks N (>= 1; the paper uses 2).
         rng: generator (required: the layout is random per sample).
+        sampler: chunk-length rule, ``"paper"`` or ``"reference"`` (see :func:`pose_chunk_lengths`).
 
     Returns:
         int64 array of shape ``[S]``.
     """
-    S = _check_int("S", S, 1)
-    L = _check_int("L", L, 1)
-    num_chunks = _check_int("num_chunks", num_chunks, 1)
-    if num_chunks > S:
-        raise ValueError(f"num_chunks must be <= S, got num_chunks={num_chunks}, S={S}")
-    if S > L:
-        raise ValueError(f"S must be <= L (the target length), got S={S}, L={L}")
-    rng = _check_rng(rng, "pose_positions")
-    lengths = _random_composition(S, num_chunks, rng)
-    biases = np.zeros(num_chunks, dtype=np.int64)
-    for i in range(1, num_chunks):
-        biases[i] = rng.integers(biases[i - 1], L - S, endpoint=True)
-    return np.arange(S, dtype=np.int64) + np.repeat(biases, lengths)
+    return pose_chunks(S, L, num_chunks, rng, sampler)[0]
+
+
+def endprompt_pose_chunks(
+    a: int,
+    t: int,
+    L: int,
+    num_chunks: int = 2,
+    placement: str = "fixed",
+    rng: np.random.Generator | None = None,
+    sampler: str = "paper",
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`endprompt_pose_positions` together with the context's chunk lengths.
+
+    Returns:
+        ``(positions [a + t], context chunk lengths [num_chunks])``, both int64.
+    """
+    a = _check_int("a", a, 1)
+    t = _check_int("t", t, 1)
+    L = _check_int("L", L, 2)
+    _check_placement(placement)
+    if a + t > L:
+        raise ValueError(f"a + t must be <= L (the target length), got a={a}, t={t}, L={L}")
+    rng = _check_rng(rng, "endprompt_pose_positions")
+    context, lengths = pose_chunks(a, L - t, num_chunks, rng, sampler)
+    start = _terminal_start(int(context[-1]) + 1, t, L, placement, rng)
+    return np.concatenate((context, np.arange(start, start + t, dtype=np.int64))), lengths
 
 
 def endprompt_pose_positions(
@@ -156,6 +243,7 @@ def endprompt_pose_positions(
     num_chunks: int = 2,
     placement: str = "fixed",
     rng: np.random.Generator | None = None,
+    sampler: str = "paper",
 ) -> np.ndarray:
     """EndPrompt on top of PoSE (the paper's best variant, ET(PoSE)).
 
@@ -170,17 +258,37 @@ def endprompt_pose_positions(
         num_chunks: PoSE chunks of the context.
         placement: ``"fixed"`` or ``"random"``.
         rng: generator (required: the PoSE context is random per sample).
+        sampler: chunk-length rule of the context (see :func:`pose_chunk_lengths`).
 
     Returns:
         int64 array of shape ``[a + t]``.
     """
-    a = _check_int("a", a, 1)
-    t = _check_int("t", t, 1)
-    L = _check_int("L", L, 2)
-    _check_placement(placement)
-    if a + t > L:
-        raise ValueError(f"a + t must be <= L (the target length), got a={a}, t={t}, L={L}")
-    rng = _check_rng(rng, "endprompt_pose_positions")
-    context = pose_positions(a, L - t, num_chunks=num_chunks, rng=rng)
-    start = _terminal_start(int(context[-1]) + 1, t, L, placement, rng)
-    return np.concatenate((context, np.arange(start, start + t, dtype=np.int64)))
+    return endprompt_pose_chunks(a, t, L, num_chunks, placement, rng, sampler)[0]
+
+
+def pose_text_offsets(
+    num_chunks: int, available: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Text skips of the PoSE chunks (the reference code's ``v``), drawn like the position biases.
+
+    Chunk i reads its text ``w_i`` tokens later than contiguous text would:
+    ``w_0 = 0`` and ``w_i ~ U{w_{i-1} .. available}``, so the skips are non-decreasing and the
+    text read spans at most ``available`` extra tokens. For two chunks this is the reference's
+    ``v ~ U{0 .. len_input - len_chunk}`` with ``available = len_input - len_chunk``.
+
+    Args:
+        num_chunks: number of chunks N (>= 1).
+        available: extra text tokens that may be skipped (>= 0).
+        rng: generator (required when N >= 2).
+
+    Returns:
+        int64 array of shape ``[num_chunks]``.
+    """
+    num_chunks = _check_int("num_chunks", num_chunks, 1)
+    available = _check_int("available", available, 0)
+    offsets = np.zeros(num_chunks, dtype=np.int64)
+    if num_chunks > 1:
+        rng = _check_rng(rng, "pose_text_offsets")
+    for i in range(1, num_chunks):
+        offsets[i] = rng.integers(offsets[i - 1], available, endpoint=True)
+    return offsets

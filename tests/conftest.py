@@ -46,7 +46,7 @@ def make_jsonl(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_sp_model(tmp_path_factory) -> str:
     """Path of a 400-piece byte-fallback SentencePiece BPE model trained on a few KB."""
-    from megatron_endprompt.data.tokenizer_training import train_sentencepiece
+    from megatron_endprompt.prep.tokenizer_training import train_sentencepiece
 
     d = tmp_path_factory.mktemp("spm")
     (d / "train.txt").write_text(_training_text(), encoding="utf-8")
@@ -71,3 +71,16 @@ def tiny_hf_tokenizer(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("hf")
     tok.save(str(d / "tokenizer.json"))
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def single_process_parallel_state():
+    """A 1-rank gloo group with megatron's parallel state (TP = PP = CP = 1).
+
+    Model builders never start distributed state themselves; tests that build a model in this
+    process ask for it. Left in place for the session (other modules use the same state).
+    """
+    from megatron_endprompt import device
+
+    device.init_distributed("gloo", rank=0, world_size=1)
+    device.initialize_model_parallel()

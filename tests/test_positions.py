@@ -7,9 +7,13 @@ from hypothesis import strategies as st
 
 from megatron_endprompt.positions import (
     contiguous_positions,
+    endprompt_pose_chunks,
     endprompt_pose_positions,
     endprompt_positions,
+    pose_chunk_lengths,
+    pose_chunks,
     pose_positions,
+    pose_text_offsets,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None)
@@ -150,6 +154,81 @@ def test_different_seeds_give_different_layouts():
     assert len(layouts) > 15
 
 
+def test_paper_sampler_is_the_default_and_unchanged():
+    # Pinned before the sampler option existed: the default draws must never change.
+    assert pose_positions(16, 4096, 2, np.random.default_rng(0)).tolist() == [
+        *range(13),
+        2612,
+        2613,
+        2614,
+    ]
+    assert pose_positions(12, 100, 3, np.random.default_rng(1)).tolist() == [
+        *range(5),
+        *range(89, 96),
+    ]
+    got = endprompt_pose_positions(9, 3, 200, 2, "random", np.random.default_rng(2))
+    assert got.tolist() == [*range(7), 56, 57, 73, 74, 75]
+    explicit = pose_positions(16, 4096, 2, np.random.default_rng(0), sampler="paper")
+    np.testing.assert_array_equal(explicit, pose_positions(16, 4096, 2, np.random.default_rng(0)))
+
+
+@SETTINGS
+@given(pose_args(), st.sampled_from(["paper", "reference"]))
+def test_pose_chunks_match_positions(args, sampler):
+    S, L, n, seed = args
+    if sampler == "reference":
+        n = min(n, 2)
+    pos, lengths = pose_chunks(S, L, n, np.random.default_rng(seed), sampler)
+    assert_valid_layout(pos, S, L)
+    assert lengths.sum() == S and lengths.min() >= 1 and len(lengths) == n
+    biases = pos - np.arange(S)
+    for chunk in np.split(biases, np.cumsum(lengths)[:-1]):
+        assert len(set(chunk.tolist())) == 1  # one skip bias per chunk
+    again = pose_positions(S, L, n, np.random.default_rng(seed), sampler)
+    np.testing.assert_array_equal(pos, again)
+
+
+@SETTINGS
+@given(st.integers(2, 5000), st.integers(0, 2**32 - 1))
+def test_reference_sampler_first_chunk_is_the_short_one(S, seed):
+    lengths = pose_chunk_lengths(S, 2, np.random.default_rng(seed), "reference")
+    assert 1 <= lengths[0] <= (S + 1) // 2 and lengths.sum() == S
+
+
+def test_reference_sampler_is_uniform_over_its_range():
+    # S = 9: l0 ~ U{1 .. 5}; the paper's rule would reach 8.
+    rng = np.random.default_rng(0)
+    firsts = np.array([pose_chunk_lengths(9, 2, rng, "reference")[0] for _ in range(5000)])
+    assert set(np.unique(firsts)) == {1, 2, 3, 4, 5}
+    assert np.all(np.abs(np.bincount(firsts)[1:] / 5000 - 0.2) < 0.03)
+    paper = np.array([pose_chunk_lengths(9, 2, rng, "paper")[0] for _ in range(4000)])
+    assert set(np.unique(paper)) == set(range(1, 9))
+
+
+def test_endprompt_pose_reference_sampler_applies_to_the_context():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        pos, lengths = endprompt_pose_chunks(20, 4, 10_000, 2, "fixed", rng, "reference")
+        assert lengths.sum() == 20 and 1 <= lengths[0] <= 10
+        assert pos[-1] == 9999
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(0, 10_000), st.integers(0, 2**32 - 1))
+def test_pose_text_offsets_invariants(n, available, seed):
+    w = pose_text_offsets(n, available, np.random.default_rng(seed))
+    assert w.dtype == np.int64 and w.shape == (n,)
+    assert w[0] == 0 and np.all(np.diff(w) >= 0) and w[-1] <= available
+
+
+def test_pose_text_offsets_hand_cases():
+    assert pose_text_offsets(1, 50).tolist() == [0]  # one chunk: nothing to skip, no rng needed
+    assert pose_text_offsets(3, 0, np.random.default_rng(0)).tolist() == [0, 0, 0]
+    rng = np.random.default_rng(0)
+    v = np.array([pose_text_offsets(2, 4, rng)[1] for _ in range(5000)])  # v ~ U{0 .. 4}
+    assert np.all(np.abs(np.bincount(v, minlength=5) / 5000 - 0.2) < 0.03)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -164,6 +243,11 @@ def test_different_seeds_give_different_layouts():
         (lambda: pose_positions(3, 64, 4, np.random.default_rng(0)), "num_chunks must be <= S"),
         (lambda: pose_positions(8, 64, 2), "rng"),
         (lambda: endprompt_pose_positions(5, 3, 64, 2, "fixed"), "rng"),
+        (lambda: pose_positions(8, 64, 2, np.random.default_rng(0), "appendix"), "sampler"),
+        (lambda: pose_positions(8, 64, 3, np.random.default_rng(0), "reference"), "num_chunks"),
+        (lambda: pose_text_offsets(2, -1, np.random.default_rng(0)), "available must be >= 0"),
+        (lambda: pose_text_offsets(2, 5), "rng"),
+        (lambda: pose_text_offsets(0, 5), "num_chunks must be >= 1"),
     ],
 )
 def test_invalid_arguments_name_the_argument(call, match):

@@ -24,8 +24,8 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from megatron_endprompt.cli_utils import run_tool  # noqa: E402
-from megatron_endprompt.data.passkey_corpus import write_passkey_corpus  # noqa: E402
 from megatron_endprompt.data.tokenizers import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron_endprompt.prep.passkey_corpus import write_passkey_corpus  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from megatron_endprompt.cli_utils import run_tool
-from megatron_endprompt.data.corpus import prepare_corpus
+from megatron_endprompt.prep.corpus import prepare_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:

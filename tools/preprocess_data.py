@@ -20,8 +20,8 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from megatron_endprompt.cli_utils import run_tool  # noqa: E402
-from megatron_endprompt.data.preprocess import preprocess_jsonl  # noqa: E402
 from megatron_endprompt.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
+from megatron_endprompt.prep.preprocess import preprocess_jsonl  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

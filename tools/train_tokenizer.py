@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from megatron_endprompt.cli_utils import run_tool
-from megatron_endprompt.data.tokenizer_training import train_sentencepiece
+from megatron_endprompt.prep.tokenizer_training import train_sentencepiece
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Stream whole checkpoints between a Hugging Face Llama directory and our Megatron layout.
 
 Megatron side written by the import (the per-shard format of
-:mod:`megatron_endprompt.training.checkpoint`)::
+:mod:`megatron_endprompt.checkpoint`)::
 
     OUT/latest_checkpointed_iteration.txt          "0"
     OUT/model_config.json                          ModelConfig as JSON (rope_scaling included)
@@ -12,7 +12,7 @@ Megatron side written by the import (the per-shard format of
 megatron-core numbers decoder layers locally per pipeline stage (``decoder.layers.0`` is the first
 layer of every stage), so stage p holds global layers ``p * n/PP .. (p+1) * n/PP - 1``. With tied
 embeddings and PP > 1 the last stage holds its own ``output_layer.weight`` (= the embedding).
-The export reads either format at any layout through :mod:`megatron_endprompt.convert.stored`
+The export reads either format at any layout through :mod:`megatron_endprompt.checkpoint.stored`
 (per-shard files, or dist_checkpointing checkpoints of CUDA runs, TP/PP/VPP as saved).
 
 Memory bound: tensors are read lazily (``safetensors.safe_open`` for Hugging Face, ``torch.load``
@@ -40,13 +40,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from megatron_endprompt.checkpoint import (
+    MODEL_CONFIG_JSON,
+    SHARD_FILE,
+    TRACKER,
+    iteration_dir,
+)
+from megatron_endprompt.checkpoint.stored import StoredCheckpoint, open_checkpoint
+from megatron_endprompt.checkpoint.weights import (
+    check_shapes,
+    megatron_shard_shapes,
+    norm_keys,
+    shard_for_tensor_parallel,
+)
 from megatron_endprompt.config import PARAMS_DTYPES, ModelConfig, ParallelConfig
 from megatron_endprompt.convert.hf_llama import (
     fuse_qkv,
     hf_config_from_model_config,
     model_config_from_hf,
-    norm_keys,
-    shard_for_tensor_parallel,
     split_qkv,
 )
 from megatron_endprompt.convert.safetensors_io import (
@@ -55,14 +66,7 @@ from megatron_endprompt.convert.safetensors_io import (
     parse_size,
     write_json,
 )
-from megatron_endprompt.convert.shapes import check_shapes, hf_shapes, megatron_shard_shapes
-from megatron_endprompt.convert.stored import StoredCheckpoint, open_checkpoint
-from megatron_endprompt.training.checkpoint import (
-    MODEL_CONFIG_JSON,
-    SHARD_FILE,
-    TRACKER,
-    iteration_dir,
-)
+from megatron_endprompt.convert.shapes import hf_shapes
 
 FORMAT = "megatron_endprompt/v1"
 _TOKENIZER_RE = re.compile(

@@ -30,6 +30,10 @@ from typing import Any
 
 import torch
 
+from megatron_endprompt.checkpoint.weights import (
+    _pad_vocab,
+    norm_keys,
+)
 from megatron_endprompt.config import ModelConfig, RopeScalingConfig
 
 HF_ROPE_KEYS = {
@@ -212,16 +216,6 @@ def hf_config_from_model_config(
     return config
 
 
-def norm_keys(model_config: ModelConfig, prefix: str) -> tuple[str, str]:
-    """(pre-attention, pre-MLP) norm weight names of one layer for the model's spec."""
-    if model_config.transformer_impl == "te":
-        return (
-            f"{prefix}self_attention.linear_qkv.layer_norm_weight",
-            f"{prefix}mlp.linear_fc1.layer_norm_weight",
-        )
-    return f"{prefix}input_layernorm.weight", f"{prefix}pre_mlp_layernorm.weight"
-
-
 def _check_llama_shape(model_config: ModelConfig) -> None:
     if model_config.add_bias_linear or model_config.normalization != "RMSNorm":
         raise ValueError("state-dict conversion supports RMSNorm models without linear biases")
@@ -254,13 +248,6 @@ def split_qkv(
     qkv_g = qkv.reshape(ng, (per_group + 2) * hn, h)
     q, k, v = torch.split(qkv_g, [per_group * hn, hn, hn], dim=1)
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
-
-
-def _pad_vocab(weight: torch.Tensor, padded: int) -> torch.Tensor:
-    if weight.shape[0] > padded:
-        raise ValueError(f"vocabulary rows {weight.shape[0]} exceed the padded size {padded}")
-    pad = weight.new_zeros(padded - weight.shape[0], weight.shape[1])
-    return torch.cat([weight, pad], dim=0)
 
 
 def hf_to_megatron_state_dict(
@@ -342,58 +329,3 @@ def megatron_to_hf_state_dict(
     else:
         hf["lm_head.weight"] = embed
     return {k: v.clone().contiguous() for k, v in hf.items()}
-
-
-def load_megatron_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
-    """Load a converted state dict, tolerating only missing ``_extra_state`` entries.
-
-    Raises:
-        ValueError: Listing missing or unexpected keys otherwise.
-    """
-    missing, unexpected = model.load_state_dict(dict(sd), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(
-            f"state dict does not match the model: missing {missing[:8]}, unexpected "
-            f"{unexpected[:8]} (check --transformer-impl and the model shape)"
-        )
-
-
-def shard_for_tensor_parallel(
-    sd: Mapping[str, Any], model_config: ModelConfig, tp_size: int, tp_rank: int
-) -> dict[str, torch.Tensor]:
-    """One tensor-parallel rank's shard of a full (TP = 1) megatron state dict.
-
-    megatron-core's rules: column-parallel weights (``linear_qkv``, ``linear_fc1``, the output
-    layer) split along dim 0, row-parallel ones (``linear_proj``, ``linear_fc2``) along dim 1,
-    the vocabulary of embedding and output layer is re-padded to ``padded_vocab_size(tp_size)``
-    and split along dim 0; norms are replicated. ``linear_qkv`` is grouped per query group, so a
-    contiguous split hands each rank whole groups; ``linear_fc1`` = cat(gate, up) is split per half.
-
-    Raises:
-        ValueError: If the model does not split over ``tp_size`` or ``tp_rank`` is out of range.
-    """
-    from megatron_endprompt.config import ParallelConfig
-
-    model_config.validate_against(ParallelConfig(tensor_model_parallel_size=tp_size))
-    if not 0 <= tp_rank < tp_size:
-        raise ValueError(f"tp_rank={tp_rank}: must be in [0, {tp_size})")
-    padded = model_config.padded_vocab_size(tp_size)
-    out = {}
-    for key, value in sd.items():
-        if value is None or key.endswith("_extra_state"):
-            continue
-        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            value = _pad_vocab(value[: model_config.vocab_size], padded)
-            value = value.chunk(tp_size, dim=0)[tp_rank]
-        elif key.endswith("mlp.linear_fc1.weight") and model_config.swiglu:
-            gate, up = value.chunk(2, dim=0)
-            value = torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
-        elif key.endswith(("linear_qkv.weight", "linear_fc1.weight")):
-            value = value.chunk(tp_size, dim=0)[tp_rank]
-        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            value = value.chunk(tp_size, dim=1)[tp_rank]
-        elif not key.endswith(("norm.weight", "layer_norm_weight")):
-            raise ValueError(f"{key}: no tensor-parallel rule for this parameter")
-        out[key] = value.clone().contiguous()
-    return out

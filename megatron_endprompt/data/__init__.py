@@ -1,1 +1,2 @@
-"""Data: tokenizers, JSONL -> indexed binary preprocessing, EndPromptDataset."""
+"""Data at training time: tokenizers, EndPromptDataset, the dataset builder (offline
+preparation lives in ``prep/``)."""

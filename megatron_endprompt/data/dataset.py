@@ -1,7 +1,8 @@
 """EndPromptDataset: megatron-core's GPTDataset with EndPrompt / PoSE position layouts.
 
 A sample starts as the very sample plain ``GPTDataset`` returns for the same index and seed (S+1
-tokens ``x0 .. xS``), so EndPrompt changes positions and the tail, never which text is read:
+tokens ``x0 .. xS``), so by default EndPrompt changes positions and the tail, never which text is
+read:
 
 - ``terminal="cue"`` (the paper): ``y = x[:a] ++ cue ++ [EOD]`` with ``a = S - len(cue)`` context
   inputs; the cue is drawn per sample from the cue set.
@@ -17,9 +18,45 @@ terminal input, except the EOD label after a cue (weight 0). Worked example (S =
     loss_mask    1  1  1  1  w  w  w  0
     position_ids 0  1  2  3  4  61 62 63
 
+Fidelity options (defaults keep the behaviour above). Text positions below are in GPTDataset's
+token stream: the documents of ``document_index`` end to end, sample ``i`` (of ``sample_index``)
+starting at stream token ``i * S``; ``a = S - t``.
+
+- ``terminal_source="document_end"`` (terminal="tail", endprompt or endprompt_pose; the
+  reference's random mode): the sample belongs to the document D holding its last context input
+  ``x[a-1]`` (not its first document: a context that crosses a document boundary continues in
+  D). When D has at least ``t + 1`` tokens after ``x[a-1]``, ``y[a:]`` becomes D's last ``t + 1``
+  tokens ``e0 .. et`` (the middle of D is dropped; a gap of 0 reads the same text as
+  contiguous): the boundary prediction is ``x[a-1] -> e0``, terminal input ``e_i`` predicts
+  ``e_(i+1)``, the last label is D's last token (its EOD). Otherwise D ends inside the sample
+  (the reference's "document no longer than the physical length", which gets no terminal there):
+  the sample keeps the contiguous tail, so positions and weights never depend on the text (a
+  fixed layout stays batch-shared). ``EndPromptDataset.document_end_fallbacks()`` counts those
+  samples; the count is logged when the dataset is built. Weights as for tail. Example
+  (t = 3, documents A = a0..a6 with a6 = EOD and B = b0..b29 with b29 = EOD, in that order)::
+
+    sample at stream 8  (b1 .. b9; context b1..b5 in B):
+    tokens       b1 b2 b3 b4 b5 b26 b27 b28
+    labels       b2 b3 b4 b5 b26 b27 b28 EOD
+    sample at stream 0  (a0 .. a6 b0 b1; A ends 2 tokens after a4, fewer than t + 1):
+    tokens       a0 a1 a2 a3 a4 a5 EOD b0        (contiguous tail)
+    labels       a1 a2 a3 a4 a5 EOD b0 b1
+    loss_mask    1  1  1  1  w  w  w  w   position_ids 0 1 2 3 4 61 62 63 (both samples)
+
+- ``pose_chunk_sampler``: ``paper`` (l0 ~ U{1 .. S-1}) or ``reference`` (l0 ~ U{1 .. (S+1)//2});
+  see :func:`megatron_endprompt.positions.pose_chunk_lengths` (endprompt_pose: over the context).
+- ``pose_skip_text`` (pose, endprompt_pose): chunk i's text starts ``w_i`` tokens later
+  (:func:`~megatron_endprompt.positions.pose_text_offsets`) within ``available`` = the tokens
+  of the document holding the sample's last token ``xS`` that follow it, at most ``L - S`` (PoSE's
+  reference truncates a document to L tokens: v ~ U{0 .. len - S}). The sample then reads
+  ``S + 1 + w_last`` stream tokens; the last label and any terminal follow the last chunk. When
+  ``xS`` is its document's last token no text is skipped. Example (pose, S = 8,
+  l0 = 3, w1 = 4): tokens ``x0 x1 x2 x7 x8 x9 x10 x11``, labels ``x1 x2 x7 .. x12``.
+
 Per-sample randomness comes from a Philox generator keyed by ``(random_seed, sample index)`` only
-(``EndPromptDataset.sample_rng``), so a sample is identical on every rank, across builds and after
-a resume. Draw order: the cue choice (when the set has several cues), then the position layout.
+(:func:`megatron_endprompt.data.layouts.sample_rng`), so a sample is identical on every rank,
+across builds and after a resume. Draw order: the cue choice (when the set has several cues), the
+position layout, then the text skips.
 
 In contiguous mode a sample is GPTDataset's own. Otherwise it is assembled in numpy from the same
 text (``_query_document_sample_shuffle_indices``) with GPTDataset's masking rules (eod_mask_loss,
@@ -28,9 +65,8 @@ padding), which is cheaper than post-editing GPTDataset's tensors.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,215 +77,32 @@ from megatron.core.datasets.gpt_dataset import (
 )
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 from megatron.core.datasets.object_storage_utils import is_object_storage_path
+from megatron.core.utils import log_single_rank
 
-from megatron_endprompt.positions import (
-    PLACEMENTS,
-    endprompt_pose_positions,
-    endprompt_positions,
-    pose_positions,
+from megatron_endprompt.data.dataset_config import (  # noqa: F401  (re-exported)
+    DEFAULT_CUE_STRINGS,
+    DEFAULT_TERMINAL_LOSS_WEIGHT,
+    ENDPROMPT_MODES,
+    EP1_CUE,
+    POSITION_MODES,
+    TERMINAL_SOURCES,
+    TERMINALS,
+    EndPromptDatasetConfig,
+    default_cues,
+    resolve_cues,
 )
+from megatron_endprompt.data.layouts import (
+    SampleLayout,
+    chunk_text_index,
+    count_document_end_fallbacks,
+    document_end_tail,
+    draw_layout,
+    sample_rng,
+    sample_rng_state,
+)
+from megatron_endprompt.positions import pose_text_offsets
 
-POSITION_MODES = ("contiguous", "endprompt", "pose", "endprompt_pose")
-TERMINALS = ("cue", "tail")
-ENDPROMPT_MODES = ("endprompt", "endprompt_pose")
-EP1_CUE = "This is the end of text, please pay attention here"
-"""The paper's EP_1 terminal cue."""
-DEFAULT_CUE_STRINGS = (EP1_CUE, "End.")
-"""Default text cues; the tokenizer's end-of-document token joins them as a one-token cue."""
-DEFAULT_TERMINAL_LOSS_WEIGHT = {"cue": 0.1, "tail": 1.0}
-
-# Third Philox counter word: separates this module's stream from any other (seed, index) user.
-_RNG_STREAM = 0x454E4450  # "ENDP"
-
-
-@dataclass
-class EndPromptDatasetConfig(GPTDatasetConfig):
-    """GPTDatasetConfig plus the EndPrompt sample layout. Validated in ``__post_init__``."""
-
-    position_mode: str = "endprompt"
-    """contiguous | endprompt | pose | endprompt_pose."""
-
-    terminal: str = "cue"
-    """cue (append a cue and EOD, the paper) | tail (last t inputs of the text, reference code)."""
-
-    placement: str = "fixed"
-    """fixed (last input at L - 1) | random (terminal start drawn per sample)."""
-
-    target_length: int | None = None
-    """Target context window L; required unless position_mode is contiguous; must be >= S."""
-
-    tail_length: int | None = None
-    """Terminal length t for terminal="tail" (1 <= t < S)."""
-
-    pose_num_chunks: int = 2
-    """PoSE chunks (pose and endprompt_pose modes)."""
-
-    cues: list[str | list[int]] | None = None
-    """Cue set: strings (tokenized without BOS) or token-id lists; None = the default set."""
-
-    terminal_loss_weight: float | None = None
-    """Weight w of terminal predictions; None = 0.1 for cue, 1.0 for tail."""
-
-    cue_token_ids: tuple[tuple[int, ...], ...] = field(init=False, default=())
-    """Resolved cue token ids (empty unless the cue terminal is used). Not a constructor arg."""
-
-    def __post_init__(self) -> None:
-        """Run megatron-core's checks, then validate and resolve the EndPrompt fields."""
-        super().__post_init__()
-        if self.mock:
-            raise ValueError(
-                "blend: EndPromptDataset reads indexed data; pass blend or blend_per_split "
-                "(--data-path), mock data is not supported"
-            )
-        _check_choice("position_mode", self.position_mode, POSITION_MODES)
-        _check_choice("terminal", self.terminal, TERMINALS)
-        _check_choice("placement", self.placement, PLACEMENTS)
-        self._validate_lengths()
-        if self.terminal_loss_weight is None:
-            self.terminal_loss_weight = DEFAULT_TERMINAL_LOSS_WEIGHT[self.terminal]
-        w = float(self.terminal_loss_weight)
-        if not np.isfinite(w) or w < 0:
-            raise ValueError(f"terminal_loss_weight must be finite and >= 0, got {w}")
-        self.terminal_loss_weight = w
-        if self.uses_cue:
-            self.cues = _normalise_cues(self.cues)
-            self.cue_token_ids = resolve_cues(self.cues, self.tokenizer)
-            self._validate_cues()
-
-    @property
-    def uses_terminal(self) -> bool:
-        """Whether samples get a terminal segment (endprompt and endprompt_pose modes)."""
-        return self.position_mode in ENDPROMPT_MODES
-
-    @property
-    def uses_cue(self) -> bool:
-        """Whether samples end with a cue and EOD."""
-        return self.uses_terminal and self.terminal == "cue"
-
-    def _validate_lengths(self) -> None:
-        S = self.sequence_length
-        if self.position_mode != "contiguous" and self.target_length is None:
-            raise ValueError(f"target_length is required for position_mode={self.position_mode!r}")
-        if self.target_length is not None:
-            _check_int("target_length", self.target_length, 1)
-            if S > self.target_length:
-                raise ValueError(
-                    f"target_length must be >= sequence_length ({S}), got {self.target_length}"
-                )
-        _check_int("pose_num_chunks", self.pose_num_chunks, 1)
-        if self.pose_num_chunks > S:
-            raise ValueError(
-                f"pose_num_chunks must be <= sequence_length ({S}), got {self.pose_num_chunks}"
-            )
-        if self.uses_terminal and self.terminal == "tail":
-            if self.tail_length is None:
-                raise ValueError("tail_length is required for terminal='tail'")
-            _check_int("tail_length", self.tail_length, 1)
-            if self.tail_length >= S:
-                raise ValueError(
-                    f"tail_length must be < sequence_length ({S}), got {self.tail_length}"
-                )
-            self._check_pose_context(S - self.tail_length, "tail_length", self.tail_length)
-        if self.position_mode != "contiguous":
-            # Positions are replaced wholesale; megatron's per-document resets would be dropped.
-            for name in ("reset_position_ids", "reset_attention_mask"):
-                if getattr(self, name):
-                    raise ValueError(
-                        f"{name}=True is only supported with position_mode='contiguous', "
-                        f"got position_mode={self.position_mode!r}"
-                    )
-
-    def _check_pose_context(self, a: int, name: str, value: object) -> None:
-        """endprompt_pose splits the a context inputs into pose_num_chunks non-empty chunks."""
-        if self.position_mode == "endprompt_pose" and a < self.pose_num_chunks:
-            raise ValueError(
-                f"{name}={value!r} leaves {a} context inputs, fewer than "
-                f"pose_num_chunks={self.pose_num_chunks}"
-            )
-
-    def _validate_cues(self) -> None:
-        S = self.sequence_length
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        shown = self.cues if self.cues is not None else default_cues(self.tokenizer)
-        for cue, ids in zip(shown, self.cue_token_ids):
-            if len(ids) == 0:
-                raise ValueError(f"cues: cue {cue!r} tokenizes to no tokens")
-            if len(ids) >= S:
-                raise ValueError(
-                    f"cues: cue {cue!r} has {len(ids)} tokens, must be < sequence_length ({S})"
-                    + ("; the default cue set needs a longer sequence" if self.cues is None else "")
-                )
-            if vocab is not None and not all(0 <= i < vocab for i in ids):
-                raise ValueError(f"cues: cue {cue!r} has token ids outside [0, {vocab})")
-            self._check_pose_context(S - len(ids), "cues", cue)
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _normalise_cues(cues: Sequence[str | Sequence[int]] | None) -> list[str | list[int]] | None:
-    """Plain JSON-able Python values, so the cue set can join the index cache key."""
-    if cues is None:
-        return None
-    if isinstance(cues, (str, bytes)) or not isinstance(cues, Sequence) or len(cues) == 0:
-        raise ValueError(
-            f"cues must be a non-empty list of strings or token-id lists, got {cues!r}"
-        )
-    out: list[str | list[int]] = []
-    for cue in cues:
-        if isinstance(cue, str):
-            out.append(cue)
-        elif isinstance(cue, (Sequence, np.ndarray)) and all(
-            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in cue
-        ):
-            out.append([int(i) for i in cue])
-        else:
-            raise ValueError(f"cues: each cue must be a string or a list of ints, got {cue!r}")
-    return out
-
-
-def default_cues(tokenizer: object) -> list[str | list[int]]:
-    """The paper's EP_1 sentence, "End." and the tokenizer's end-of-document token alone."""
-    return [*DEFAULT_CUE_STRINGS, [int(tokenizer.eod)]]
-
-
-def resolve_cues(
-    cues: Sequence[str | Sequence[int]] | None, tokenizer: object
-) -> tuple[tuple[int, ...], ...]:
-    """Token ids of every cue.
-
-    Args:
-        cues: strings (tokenized with ``tokenizer.tokenize``, a leading BOS is dropped) or
-            token-id lists; None gives the default set: the paper's EP_1 sentence, "End." and the
-            tokenizer's end-of-document token alone.
-        tokenizer: a megatron-core tokenizer (``tokenize``, ``eod``, optionally ``bos``).
-
-    Returns:
-        One tuple of ids per cue, in order.
-    """
-    if cues is None:
-        cues = default_cues(tokenizer)
-    try:
-        bos = tokenizer.bos
-    except (AttributeError, NotImplementedError):
-        bos = None
-    resolved = []
-    for cue in cues:
-        if isinstance(cue, str):
-            ids = [int(i) for i in tokenizer.tokenize(cue)]
-            if bos is not None and len(ids) > 1 and ids[0] == bos:
-                ids = ids[1:]
-        else:
-            ids = [int(i) for i in cue]
-        resolved.append(tuple(ids))
-    return tuple(resolved)
+logger = logging.getLogger(__name__)
 
 
 def _raise_too_small(dataset_path: str, total: int, need: int) -> None:
@@ -278,15 +131,22 @@ class EndPromptDataset(GPTDataset):
         self._terminals = [self._terminal_template(np.array(ids)) for ids in c.cue_token_ids]
         if c.uses_terminal and c.terminal == "tail":
             self._terminals = [self._terminal_template(None)]
-        self._fixed_positions: dict[int, np.ndarray] = {}
+        self._spec = c.layout_spec()
+        self._needs_rng = self._spec.needs_rng or c.pose_skip_text
         self._causal_mask: torch.Tensor | None = None
-        self._needs_rng = c.position_mode in ("pose", "endprompt_pose") or (
-            c.uses_terminal and (c.placement == "random" or len(self._terminals) > 1)
-        )
+        self._fallbacks: int | None = None
         # Re-keyed per sample: same state as a fresh Philox(key, counter), without the setup cost.
         # Not thread-safe; DataLoader workers are processes, each with its own copy.
         self._bit_generator = np.random.Philox(key=[0, 0])
         self._rng = np.random.Generator(self._bit_generator)
+        if c.terminal_source == "document_end" and self.shuffle_index is not None:
+            log_single_rank(
+                logger,
+                logging.INFO,
+                f"{self.dataset_path} {self.index_split.name}: terminal_source=document_end: "
+                f"{self.document_end_fallbacks()} of {len(self)} samples end their document "
+                "inside the sample and keep the contiguous tail",
+            )
 
     def _terminal_template(self, cue: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
         """(cue ids or None for tail, loss weights [S] before eod / padding masking)."""
@@ -340,6 +200,9 @@ class EndPromptDataset(GPTDataset):
             "cues",
             "cue_token_ids",
             "terminal_loss_weight",
+            "terminal_source",
+            "pose_chunk_sampler",
+            "pose_skip_text",
         ]
 
     def _build_document_sample_shuffle_indices(self):
@@ -361,27 +224,38 @@ class EndPromptDataset(GPTDataset):
         return super()._build_document_sample_shuffle_indices()
 
     def sample_rng(self, idx: int) -> np.random.Generator:
-        """A fresh generator for sample ``idx``, keyed by (random_seed, idx) only.
-
-        Philox is counter-based: distinct keys give independent streams, with no seed hashing.
-        """
-        key = np.array([self.config.random_seed, idx], dtype=np.uint64)
-        return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, _RNG_STREAM, 0]))
+        """A fresh generator for sample ``idx``, keyed by (random_seed, idx) only."""
+        return sample_rng(self.config.random_seed, idx)
 
     def _rekeyed_rng(self, idx: int) -> np.random.Generator:
         """The dataset's generator, reset to the state of ``sample_rng(idx)``."""
-        self._bit_generator.state = {
-            "bit_generator": "Philox",
-            "state": {
-                "counter": np.array([0, 0, _RNG_STREAM, 0], dtype=np.uint64),
-                "key": np.array([self.config.random_seed, idx], dtype=np.uint64),
-            },
-            "buffer": np.zeros(4, dtype=np.uint64),
-            "buffer_pos": 4,
-            "has_uint32": 0,
-            "uinteger": 0,
-        }
+        self._bit_generator.state = sample_rng_state(self.config.random_seed, idx)
         return self._rng
+
+    def document_end_fallbacks(self) -> int:
+        """Samples that keep the contiguous tail under terminal_source="document_end" (else 0).
+
+        Computed once from the indices alone (no text is read).
+        """
+        c = self.config
+        if c.terminal_source != "document_end" or len(self) == 0:
+            return 0
+        if self._fallbacks is None:
+            self._load_indices()
+            starts = np.asarray(self.sample_index)[np.asarray(self.shuffle_index)]
+            self._fallbacks = count_document_end_fallbacks(
+                self.dataset.sequence_lengths,
+                self.document_index,
+                starts,
+                c.sequence_length - c.tail_length,
+                c.tail_length,
+            )
+        return self._fallbacks
+
+    def _load_indices(self) -> None:
+        """Memory-map the indices when megatron deferred them (defer_npy_index_mmap)."""
+        if self.shuffle_index is None:
+            self._query_document_sample_shuffle_indices(0)
 
     def __getitem__(self, idx: int | None) -> dict[str, torch.Tensor]:
         """Sample ``idx`` (None: a padding sample with an all-zero loss mask).
@@ -395,30 +269,55 @@ class EndPromptDataset(GPTDataset):
             return super().__getitem__(idx)
         index = 0 if idx is None else int(idx)
         rng = self._rekeyed_rng(index) if self._needs_rng else None
-        y = self._text(index)  # S + 1 tokens: tokens = y[:-1], labels = y[1:]
+        layout = draw_layout(self._spec, rng)
+        y = self._sample_text(index, layout, rng)  # S + 1 tokens: tokens = y[:-1], labels = y[1:]
         S = c.sequence_length
         if c.uses_terminal:
-            choice = int(rng.integers(len(self._terminals))) if len(self._terminals) > 1 else 0
-            cue, template = self._terminals[choice]
+            cue, template = self._terminals[layout.terminal]
             if cue is not None:
                 y[S - len(cue) : S] = cue
                 y[S] = self._eod
-            t = c.tail_length if cue is None else len(cue)
-            positions = self._terminal_positions(S - t, t, rng)
             loss_mask = template.copy()
         else:
-            positions = pose_positions(S, c.target_length, c.pose_num_chunks, rng)
             loss_mask = np.ones(S, dtype=np.float32)
         self._mask_loss(y, loss_mask, padding_sample=idx is None)
         sample = {
             "tokens": torch.from_numpy(y[:-1]),
             "labels": torch.from_numpy(y[1:]),
             "loss_mask": torch.from_numpy(loss_mask),
-            "position_ids": torch.from_numpy(positions),
+            "position_ids": torch.from_numpy(layout.positions),
         }
         if c.create_attention_mask:
             sample["attention_mask"] = self._attention_mask()
         return sample
+
+    def _sample_text(self, idx: int, layout: SampleLayout, rng) -> np.ndarray:
+        """The S + 1 tokens of sample idx: GPTDataset's, then PoSE text skips / document end."""
+        c = self.config
+        y = self._text(idx)  # also memory-maps deferred indices
+        if not (c.pose_skip_text or c.terminal_source == "document_end"):
+            return y
+        sample = int(self.shuffle_index[idx])
+        sizes = self.dataset.sequence_lengths
+        if c.pose_skip_text:
+            # The sample's last token xS sits at sample_index[sample + 1] (add_extra_token).
+            end_pos, end_offset = (int(v) for v in self.sample_index[sample + 1])
+            end_doc = int(self.document_index[end_pos])
+            available = min(
+                c.target_length - c.sequence_length, int(sizes[end_doc]) - end_offset - 1
+            )
+            offsets = pose_text_offsets(len(layout.chunk_lengths), max(available, 0), rng)
+            if offsets[-1] > 0:
+                extra = self.dataset.get(end_doc, offset=end_offset + 1, length=int(offsets[-1]))
+                full = np.concatenate((y, extra.astype(y.dtype)))
+                y = full[chunk_text_index(layout.chunk_lengths, offsets, len(y))]
+        else:
+            pos, offset = (int(v) for v in self.sample_index[sample])
+            a, t = layout.context_length, c.tail_length
+            tail = document_end_tail(sizes, self.document_index, pos, offset, a, t)
+            if tail is not None:
+                y[a:] = self.dataset.get(tail[0], offset=tail[1], length=t + 1)
+        return y
 
     def _text(self, idx: int) -> np.ndarray:
         """GPTDataset's S + 1 tokens of sample idx (a fresh array; one pad appended if needed)."""
@@ -438,20 +337,6 @@ class EndPromptDataset(GPTDataset):
             y[pad] = 0  # so the embedding can map the id, as GPTDataset does
         if padding_sample:
             loss_mask[:] = 0.0
-
-    def _terminal_positions(self, a: int, t: int, rng) -> np.ndarray:
-        """Position ids of a context of ``a`` inputs followed by ``t`` terminal inputs."""
-        c = self.config
-        L = c.target_length
-        if c.position_mode == "endprompt_pose":
-            return endprompt_pose_positions(a, t, L, c.pose_num_chunks, c.placement, rng)
-        if c.placement == "random":
-            return endprompt_positions(a, t, L, "random", rng)
-        # Fixed EndPrompt layouts depend on a only: build once, hand out copies.
-        cached = self._fixed_positions.get(a)
-        if cached is None:
-            cached = self._fixed_positions[a] = endprompt_positions(a, t, L, "fixed")
-        return cached.copy()
 
     def _attention_mask(self) -> torch.Tensor:
         """GPTDataset's causal mask (resets are refused outside contiguous mode), built once."""

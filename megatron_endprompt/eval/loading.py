@@ -5,7 +5,7 @@ Two sources:
 - ``load_megatron_model``: a Megatron checkpoint directory in either format (per-shard torch files
   of CPU training and conversions, or megatron-core dist_checkpointing of CUDA training), saved at
   any TP/PP/VPP layout. The model is built at the evaluation's tensor-parallel size (one rank per
-  TP shard under torchrun, PP = 1) and each rank loads its shard (``convert/stored.py``).
+  TP shard under torchrun, PP = 1) and each rank loads its shard (``checkpoint/stored.py``).
 - ``load_hf_model``: a Hugging Face directory, through ``AutoModelForCausalLM`` in float32.
 
 Both wrap as a KV-cached ``LogitsFn`` (``eval/decoding.py``).
@@ -27,9 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
 
-from megatron_endprompt.config import ModelConfig, RopeScalingConfig
+from megatron_endprompt import device as dev
+from megatron_endprompt.checkpoint.stored import open_checkpoint, rank_state_dict
+from megatron_endprompt.checkpoint.weights import load_megatron_state_dict
+from megatron_endprompt.config import ModelConfig, ParallelConfig, RopeScalingConfig
 from megatron_endprompt.eval.decoding import HFLogitsFn, MegatronLogitsFn
+from megatron_endprompt.model.gpt import build_model
 
 
 def _seeds(shard: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,8 +63,6 @@ def _apply_overrides(
 
 
 def _load_weights(model: torch.nn.Module, sd: Mapping[str, Any], load_dir: str) -> None:
-    from megatron_endprompt.convert.hf_llama import load_megatron_state_dict
-
     try:
         load_megatron_state_dict(model, sd)
     except (ValueError, RuntimeError) as err:
@@ -71,10 +74,8 @@ def _load_weights(model: torch.nn.Module, sd: Mapping[str, Any], load_dir: str) 
 
 def _eval_spec(config: ModelConfig, device: torch.device) -> ModelConfig:
     """The layer spec to evaluate with: the recorded one, except ``te`` without CUDA and TE."""
-    from megatron_endprompt.training.device import transformer_engine_available
-
     if config.transformer_impl == "te" and (
-        device.type != "cuda" or not transformer_engine_available()
+        device.type != "cuda" or not dev.transformer_engine_available()
     ):
         return dataclasses.replace(config, transformer_impl="local")  # same weights, torch SDPA
     return config
@@ -89,7 +90,7 @@ def load_megatron_model(
 ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
     """Build the EndPromptGPTModel of a checkpoint and load its weights (eval mode).
 
-    Reads either checkpoint format at any saved TP/PP/VPP layout (see ``convert/stored.py``)
+    Reads either checkpoint format at any saved TP/PP/VPP layout (see ``checkpoint/stored.py``)
     and builds the model at the tensor-parallel size of megatron's parallel state (set up by the
     caller under torchrun; a single process gets TP = 1): each rank loads its own shard. A
     ``te``-spec checkpoint is evaluated with the ``local`` spec (same weights, torch SDPA) where
@@ -111,18 +112,14 @@ def load_megatron_model(
         FileNotFoundError: no checkpoint in ``load_dir``.
         ValueError: unreadable checkpoint, missing config, or mismatched weights.
     """
-    from megatron.core import parallel_state as ps
-
-    from megatron_endprompt.config import ParallelConfig
-    from megatron_endprompt.convert.stored import open_checkpoint, rank_state_dict
-    from megatron_endprompt.model.gpt import build_model
-
     ckpt = open_checkpoint(load_dir, iteration, where=f"--load {load_dir}")
     device = torch.device(device)
     config = _eval_spec(ckpt.model_config, device)
     config = _apply_overrides(config, rope_scaling_override, max_position_override)
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    model = build_model(config, ParallelConfig(tensor_model_parallel_size=tp), seed=0)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp)
+    dev.ensure_model_parallel(parallel)  # a single process gets its 1-rank group here
+    model = build_model(config, parallel, seed=0)
     tp_rank = ps.get_tensor_model_parallel_rank()
     _load_weights(model, rank_state_dict(ckpt, config, (tp, tp_rank)), load_dir)
     model = model.to(device).eval()

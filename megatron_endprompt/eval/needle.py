@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from megatron_endprompt.eval.passkey import build_haystack, check_lengths, check_positive_ints
-from megatron_endprompt.eval.scoring import LogitsFn, Tokenizer, greedy_decode
+from megatron_endprompt.eval.passkey import check_lengths, check_positive_ints
+from megatron_endprompt.eval.scoring import LogitsFn, greedy_decode
+from megatron_endprompt.passkey_text import Tokenizer, build_haystack
 
 TASKS = ("single", "multikey", "multivalue")
 NEEDLE = "One of the special magic numbers for {word} is: {number}."

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from megatron_endprompt import device as dev
+
 
 @dataclass(frozen=True)
 class EvalRanks:
@@ -54,8 +56,6 @@ def start(device: str, tensor_model_parallel_size: int | None = None) -> EvalRan
         )
     if world == 1:
         return EvalRanks()
-    from megatron_endprompt.training import device as dev
-
     _, backend = dev.accelerator(device)
     rank, _ = dev.init_distributed(backend)
     dev.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -72,6 +72,4 @@ def local_device(device: str, ranks: EvalRanks) -> str:
 def stop(ranks: EvalRanks) -> None:
     """Destroy the process groups :func:`start` created."""
     if ranks.started:
-        from megatron_endprompt.training import device as dev
-
         dev.destroy_distributed()

@@ -27,23 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from megatron_endprompt.eval.scoring import (
-    LogitsFn,
-    Tokenizer,
-    bos_ids,
-    greedy_decode,
-    teacher_forced_token_correct,
-)
-
-FILLER_SENTENCES = (
-    "The grass is green.",
-    "The sky is blue.",
-    "The sun is yellow.",
-    "Here we go.",
-    "There and back again.",
-)
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+from megatron_endprompt.eval.scoring import LogitsFn, greedy_decode, teacher_forced_token_correct
+from megatron_endprompt.passkey_text import NEEDLE, QUESTION, Tokenizer, build_haystack
 
 
 def check_positive_ints(name: str, values: Sequence[int]) -> list[int]:
@@ -79,64 +64,6 @@ def check_depths(depths: Sequence[float]) -> list[float]:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
             raise ValueError(f"depths must be numbers in [0, 1], got {d!r}")
     return [float(d) for d in depths]
-
-
-def filler_units(tokenizer: Tokenizer) -> list[list[int]]:
-    """Token ids of each filler sentence (leading space, no special tokens)."""
-    return [tokenizer.tokenize(" " + s) for s in FILLER_SENTENCES]
-
-
-def build_haystack(
-    tokenizer: Tokenizer,
-    length: int,
-    needles: Sequence[tuple[float, list[int]]],
-    question_ids: list[int],
-) -> tuple[list[int], list[int]]:
-    """Filler with needles inserted at depths, then the question: exactly ``length`` tokens.
-
-    The filler is the sentence cycle cut to the token budget left after BOS, needles and question
-    (its first sentence may be cut short, at the front). Each needle goes at the sentence boundary
-    nearest to ``depth * filler_tokens``, so it lands within one filler sentence of the requested
-    depth.
-
-    Args:
-        tokenizer: tokenizer of the model.
-        length: total prompt length in tokens.
-        needles: ``(depth in [0, 1], token ids)`` pairs; equal depths keep their order.
-        question_ids: token ids of the question, placed last.
-
-    Returns:
-        ``(prompt ids, start index of each needle in the prompt, in the order given)``.
-    """
-    prefix = bos_ids(tokenizer)
-    fixed = len(prefix) + sum(len(ids) for _, ids in needles) + len(question_ids)
-    n_filler = length - fixed
-    if n_filler < 0:
-        raise ValueError(
-            f"length: {length} tokens cannot hold the needles and question ({fixed} tokens)"
-        )
-    units = filler_units(tokenizer)
-    stream: list[int] = []
-    ends = []
-    while len(stream) < n_filler:
-        stream.extend(units[len(ends) % len(units)])
-        ends.append(len(stream))
-    # Drop the surplus from the front: the filler opens mid-sentence (like an excerpt) and the
-    # text before every needle and before the question ends with a whole sentence.
-    offset = len(stream) - n_filler
-    filler = stream[offset:]
-    bounds = np.asarray([0] + [e - offset for e in ends if e > offset])
-    cuts = [int(bounds[np.argmin(np.abs(bounds - d * n_filler))]) for d, _ in needles]
-    order = sorted(range(len(needles)), key=lambda i: (cuts[i], i))
-    ids, starts, prev = list(prefix), [0] * len(needles), 0
-    for i in order:
-        ids.extend(filler[prev : cuts[i]])
-        starts[i] = len(ids)
-        ids.extend(needles[i][1])
-        prev = cuts[i]
-    ids.extend(filler[prev:])
-    ids.extend(question_ids)
-    return ids, starts
 
 
 @dataclass(frozen=True)

@@ -30,39 +30,6 @@ class LogitsFn(Protocol):
         ...
 
 
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the evaluations need from a tokenizer (``data.tokenizers.Tokenizer`` satisfies it).
-
-    ``tokenize`` must not add special tokens. A ``bos`` attribute is optional: when present and
-    not None, prompts start with it.
-    """
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens)."""
-        ...
-
-    def detokenize(self, ids: list[int]) -> str:
-        """Text of ``ids``."""
-        ...
-
-    @property
-    def eod(self) -> int:
-        """End-of-document id."""
-        ...
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids."""
-        ...
-
-
-def bos_ids(tokenizer: Tokenizer) -> list[int]:
-    """``[tokenizer.bos]`` when the tokenizer has a BOS token, else ``[]``."""
-    bos = getattr(tokenizer, "bos", None)
-    return [] if bos is None else [int(bos)]
-
-
 def _check_ids(name: str, ids: Sequence[int], allow_empty: bool = False) -> list[int]:
     ids = [int(i) for i in ids]
     if not ids and not allow_empty:

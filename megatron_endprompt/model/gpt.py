@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_endprompt import device
 from megatron_endprompt.config import ModelConfig, ParallelConfig
 from megatron_endprompt.model.rotary import PositionRotaryEmbedding
 from megatron_endprompt.model.specs import get_layer_spec
-from megatron_endprompt.training import device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -227,13 +227,13 @@ def build_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vp_stage: int | None = None,
-    seed: int | None = 1234,
+    seed: int | None = None,
     batch_shared_positions: bool | None = None,
     **config_overrides,
 ) -> EndPromptGPTModel:
     """Build this rank's EndPromptGPTModel (its TP shard and pipeline stage).
 
-    megatron-core's parallel state must be initialised (``training.device``); a single process
+    megatron-core's parallel state must be initialised (``device``); a single process
     without torch.distributed gets a 1-rank gloo/NCCL group set up automatically.
 
     Args:
@@ -242,8 +242,8 @@ def build_model(
         pre_process: Holds the embedding; None = first pipeline stage (of ``vp_stage``).
         post_process: Holds the output layer; None = last pipeline stage (of ``vp_stage``).
         vp_stage: Virtual pipeline chunk index (interleaved schedule), else None.
-        seed: Seeds weight initialisation (``device.model_parallel_seed``; this resets torch's
-            global RNG). None leaves the RNG state alone.
+        seed: When given, seeds weight initialisation first (``device.model_parallel_seed``,
+            which resets torch's global RNG). None (default) draws from the RNG as it is.
         batch_shared_positions: See :class:`EndPromptGPTModel` (required True with
             ``apply_rope_fusion=True``).
         **config_overrides: Extra TransformerConfig fields (see :func:`transformer_config`).
@@ -260,7 +260,7 @@ def build_model(
     # The spec first: a missing Transformer Engine gets our install hint, not megatron's error.
     spec = get_layer_spec(model_config.transformer_impl, model_config.normalization)
     config = transformer_config(model_config, parallel_config, **config_overrides)
-    device.ensure_model_parallel(parallel_config)
+    device.require_model_parallel(parallel_config)
     if seed is not None:
         device.model_parallel_seed(seed)
     if pre_process is None:

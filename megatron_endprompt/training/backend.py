@@ -19,10 +19,11 @@ from typing import Protocol
 
 import torch
 
+from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.checkpoint import dist as dist_checkpoint
+from megatron_endprompt.device import backend_kind
 from megatron_endprompt.model.gpt import build_model
-from megatron_endprompt.training import checkpoint as ckpt
-from megatron_endprompt.training import dist_checkpoint, megatron_step
-from megatron_endprompt.training.device import backend_kind
+from megatron_endprompt.training import megatron_step
 from megatron_endprompt.training.optim import build_adamw
 from megatron_endprompt.training.runtime import Runtime
 from megatron_endprompt.training.state import (

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from megatron_endprompt.cli import RunConfig
-from megatron_endprompt.training.backend import make_backend
+from megatron_endprompt.config import RunConfig
+from megatron_endprompt.training.backend import Backend, make_backend
 from megatron_endprompt.training.data import cycle_iterator, make_data_iterator
 from megatron_endprompt.training.logging import (
     MetricsLogger,
@@ -24,7 +25,7 @@ from megatron_endprompt.training.logging import (
 )
 from megatron_endprompt.training.runtime import Runtime, seed_everything, setup_runtime
 from megatron_endprompt.training.signals import ExitSignalHandler
-from megatron_endprompt.training.state import TrainState, build_datasets_for_run
+from megatron_endprompt.training.state import TrainingObjects, TrainState, build_datasets_for_run
 from megatron_endprompt.training.step import StepShape
 
 
@@ -121,8 +122,29 @@ def _due(interval: int | None, iteration: int) -> bool:
     return bool(interval) and iteration % interval == 0
 
 
-def train(run: RunConfig) -> TrainResult:
-    """Run training as configured; returns the losses and throughput."""
+@dataclass
+class _Loop:
+    """Everything the loop works on: built once by :func:`_start`, advanced by :func:`_step`."""
+
+    run: RunConfig
+    rt: Runtime
+    backend: Backend
+    objs: TrainingObjects
+    state: TrainState
+    train_iter: Iterator
+    valid_iter: Iterator | None
+    logger: MetricsLogger
+    meter: _Meter
+    handler: ExitSignalHandler | None
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    valid_loss: float | None = None
+    last_path: str | None = None
+    interrupted: bool = False
+
+
+def _start(run: RunConfig) -> _Loop:
+    """Process groups, seeds, backend objects, resume, data iterators, logger, signal handler."""
     p, t = run.parallel, run.training
     rt = setup_runtime(
         run.device,
@@ -137,15 +159,11 @@ def train(run: RunConfig) -> TrainResult:
     objs = backend.build()
     state = backend.load(objs) if run.checkpoint.load else TrainState()
     train_ds, valid_ds = build_datasets_for_run(run, rt, objs.tokenizer)
+    mbs, workers = t.micro_batch_size, run.data.num_workers
     train_iter = make_data_iterator(
-        train_ds,
-        state.consumed_samples,
-        t.micro_batch_size,
-        rt.dp_rank,
-        rt.dp_size,
-        run.data.num_workers,
+        train_ds, state.consumed_samples, mbs, rt.dp_rank, rt.dp_size, workers
     )
-    valid_iter = cycle_iterator(valid_ds, t.micro_batch_size, rt.dp_rank, rt.dp_size)
+    valid_iter = cycle_iterator(valid_ds, mbs, rt.dp_rank, rt.dp_size)
     plot_dir = run.logging.tensorboard_dir or run.checkpoint.save
     logger = MetricsLogger(
         run.logging.tensorboard_dir,
@@ -156,54 +174,74 @@ def train(run: RunConfig) -> TrainResult:
     )
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
     meter = _Meter(t.global_batch_size * run.model.seq_length)
-    losses, grad_norms, last_path, interrupted, valid_loss = [], [], None, False, None
-    while state.iteration < run.train_iters:
-        metrics = backend.train_step(objs, train_iter)
-        if not metrics.get("skipped"):
-            # As Megatron-LM: the LR schedule advances only on a successful update (an fp16
-            # overflow skips the step); iterations and consumed samples always advance.
-            objs.scheduler.step(increment=t.global_batch_size)
-        state.iteration += 1
-        state.consumed_samples += t.global_batch_size
-        losses.append(metrics["loss"])
-        grad_norms.append(metrics["grad_norm"])
-        meter.tick()
-        if _due(run.logging.log_interval, state.iteration) or state.iteration == run.train_iters:
-            _log(run, rt, logger, objs, state, metrics, meter)
-        if t.eval_iters and _due(t.eval_interval, state.iteration):
-            valid_loss = backend.evaluate(objs, valid_iter)
-            logger.log_eval(state.iteration, valid_loss)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at iteration {state.iteration}")
-        if state.iteration == run.train_iters:
-            break
-        stop = _due(t.exit_interval, state.iteration)
-        stop = (handler is not None and handler.should_exit(rt.device)) or stop
-        if stop or _due(run.checkpoint.save_interval, state.iteration):
-            last_path = _save(run, rt, backend, objs, state)
-        if stop:
-            interrupted = True
-            break
-    if not interrupted:
-        if t.eval_iters and not _due(t.eval_interval, state.iteration):
-            valid_loss = backend.evaluate(objs, valid_iter)
-            logger.log_eval(state.iteration, valid_loss)
-        last_path = _save(run, rt, backend, objs, state) or last_path
-    if handler is not None:
-        handler.restore()
-    logger.close()
-    peak_gib, peak_kind = peak_memory_gib(rt.device)
+    return _Loop(run, rt, backend, objs, state, train_iter, valid_iter, logger, meter, handler)
+
+
+def _evaluate(lp: _Loop) -> None:
+    lp.valid_loss = lp.backend.evaluate(lp.objs, lp.valid_iter)
+    lp.logger.log_eval(lp.state.iteration, lp.valid_loss)
+
+
+def _step(lp: _Loop) -> bool:
+    """One iteration with its logging, evaluation and saving; False when the loop must stop."""
+    run, t, state = lp.run, lp.run.training, lp.state
+    metrics = lp.backend.train_step(lp.objs, lp.train_iter)
+    if not metrics.get("skipped"):
+        # As Megatron-LM: the LR schedule advances only on a successful update (an fp16
+        # overflow skips the step); iterations and consumed samples always advance.
+        lp.objs.scheduler.step(increment=t.global_batch_size)
+    state.iteration += 1
+    state.consumed_samples += t.global_batch_size
+    lp.losses.append(metrics["loss"])
+    lp.grad_norms.append(metrics["grad_norm"])
+    lp.meter.tick()
+    last = state.iteration == run.train_iters
+    if _due(run.logging.log_interval, state.iteration) or last:
+        _log(run, lp.rt, lp.logger, lp.objs, state, metrics, lp.meter)
+    if t.eval_iters and _due(t.eval_interval, state.iteration):
+        _evaluate(lp)
+    if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"loss is {metrics['loss']} at iteration {state.iteration}")
+    if last:
+        return False
+    stop = _due(t.exit_interval, state.iteration)
+    stop = (lp.handler is not None and lp.handler.should_exit(lp.rt.device)) or stop
+    if stop or _due(run.checkpoint.save_interval, state.iteration):
+        lp.last_path = _save(run, lp.rt, lp.backend, lp.objs, state)
+    lp.interrupted = stop
+    return not stop
+
+
+def _finish(lp: _Loop) -> TrainResult:
+    """The final evaluation and save (unless interrupted), then the result."""
+    t = lp.run.training
+    if not lp.interrupted:
+        if t.eval_iters and not _due(t.eval_interval, lp.state.iteration):
+            _evaluate(lp)
+        lp.last_path = _save(lp.run, lp.rt, lp.backend, lp.objs, lp.state) or lp.last_path
+    if lp.handler is not None:
+        lp.handler.restore()
+    lp.logger.close()
+    peak_gib, peak_kind = peak_memory_gib(lp.rt.device)
     return TrainResult(
-        iterations=state.iteration,
-        consumed_samples=state.consumed_samples,
-        losses=losses,
-        grad_norms=grad_norms,
-        final_loss=losses[-1] if losses else float("nan"),
-        valid_loss=valid_loss,
-        tokens_per_s=meter.overall(),
-        checkpoint=last_path,
-        interrupted=interrupted,
-        reporting=rt.is_logging_rank,
+        iterations=lp.state.iteration,
+        consumed_samples=lp.state.consumed_samples,
+        losses=lp.losses,
+        grad_norms=lp.grad_norms,
+        final_loss=lp.losses[-1] if lp.losses else float("nan"),
+        valid_loss=lp.valid_loss,
+        tokens_per_s=lp.meter.overall(),
+        checkpoint=lp.last_path,
+        interrupted=lp.interrupted,
+        reporting=lp.rt.is_logging_rank,
         peak_memory_gib=peak_gib,
         peak_memory_kind=peak_kind,
     )
+
+
+def train(run: RunConfig) -> TrainResult:
+    """Run training as configured; returns the losses and throughput."""
+    lp = _start(run)
+    while lp.state.iteration < run.train_iters and _step(lp):
+        pass
+    return _finish(lp)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_endprompt.training.device import all_reduce
+from megatron_endprompt.device import all_reduce
 
 
 def global_weight_sum(

@@ -17,7 +17,8 @@ from functools import partial
 
 import torch
 
-from megatron_endprompt.training.device import all_reduce, move_to_device
+from megatron_endprompt.device import all_reduce, move_to_device
+from megatron_endprompt.model.gpt import build_model
 from megatron_endprompt.training.loss import (
     global_weight_sum,
     masked_loss_sum,
@@ -78,8 +79,6 @@ def build_model_chunks(run, rt: Runtime) -> list[torch.nn.Module]:
     every virtual/pipeline stage the same initial layer weights.
     """
     from megatron.core import parallel_state as ps
-
-    from megatron_endprompt.model.gpt import build_model
 
     vpp = run.parallel.virtual_pipeline_model_parallel_size or 1
     overrides = transformer_overrides(run)

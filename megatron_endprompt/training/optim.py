@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-from megatron_endprompt.training.device import all_reduce
+from megatron_endprompt.device import all_reduce
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:

@@ -1,7 +1,7 @@
 """Process groups and ranks of a run, set up once (torchrun or a single process).
 
 Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) through
-``training.device``, initialises torch.distributed (NCCL on CUDA, gloo on CPU) and megatron-core's
+``device``, initialises torch.distributed (NCCL on CUDA, gloo on CPU) and megatron-core's
 parallel state, and exposes the groups the loop needs in one object instead of global getters
 spread through the code.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_endprompt.training import device as _device
-from megatron_endprompt.training.device import (
+from megatron_endprompt import device as _device
+from megatron_endprompt.device import (
     destroy_distributed,
     init_distributed,
     initialize_model_parallel,

@@ -8,7 +8,7 @@ import types
 import torch
 import torch.distributed as dist
 
-from megatron_endprompt.training.device import all_reduce
+from megatron_endprompt.device import all_reduce
 
 
 class ExitSignalHandler:

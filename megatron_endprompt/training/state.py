@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from megatron_endprompt.cli import RunConfig
+from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.config import RunConfig
 from megatron_endprompt.data.builder import (
     build_datasets,
     is_dataset_built_on_rank,
@@ -19,7 +20,6 @@ from megatron_endprompt.data.builder import (
 )
 from megatron_endprompt.data.dataset import EndPromptDatasetConfig
 from megatron_endprompt.data.tokenizers import build_tokenizer
-from megatron_endprompt.training import checkpoint as ckpt
 from megatron_endprompt.training.optim import build_scheduler
 from megatron_endprompt.training.runtime import Runtime
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_endprompt.device import all_reduce
 from megatron_endprompt.training.batch import BatchGroups, get_batch
-from megatron_endprompt.training.device import all_reduce
 from megatron_endprompt.training.loss import (
     global_weight_sum,
     masked_loss_sum,

@@ -16,16 +16,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from megatron_endprompt.checkpoint.weights import (
+    load_megatron_state_dict,
+    megatron_shard_shapes,
+    merge_tensor_parallel,
+    shard_for_tensor_parallel,
+)
 from megatron_endprompt.config import ModelConfig, RopeScalingConfig
 from megatron_endprompt.convert.checkpoint import (
     convert_hf_to_megatron,
     convert_megatron_to_hf,
     staged_output,
 )
-from megatron_endprompt.convert.hf_llama import load_megatron_state_dict, shard_for_tensor_parallel
 from megatron_endprompt.convert.safetensors_io import parse_size
-from megatron_endprompt.convert.shapes import megatron_shard_shapes, merge_tensor_parallel
 from megatron_endprompt.model.gpt import build_model
+
+pytestmark = pytest.mark.usefixtures("single_process_parallel_state")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA3 = {

@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "emulated"))
 from dist_checkpoints import dist_checkpoint  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from megatron_endprompt.checkpoint import ShardRank, save_checkpoint  # noqa: E402
+from megatron_endprompt.checkpoint.dist_reader import DistCheckpointReader  # noqa: E402
+from megatron_endprompt.checkpoint.stored import open_checkpoint, rank_state_dict  # noqa: E402
 from megatron_endprompt.convert.checkpoint import convert_megatron_to_hf  # noqa: E402
-from megatron_endprompt.convert.dist_reader import DistCheckpointReader  # noqa: E402
-from megatron_endprompt.convert.stored import open_checkpoint, rank_state_dict  # noqa: E402
 from megatron_endprompt.eval.loading import load_megatron_model, megatron_logits_fn  # noqa: E402
 from megatron_endprompt.model.gpt import build_model  # noqa: E402
-from megatron_endprompt.training.checkpoint import ShardRank, save_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_process_parallel_state")]
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = ["tp1", "pp2", "tp2", "pp2_vpp2"]
 

@@ -12,7 +12,7 @@ enough to run them on CPU (measured; nothing else is patched):
 * type-string checks (``clip_grads`` asserts ``torch.cuda.FloatTensor``; the fp16/bf16 optimizers
   sort parameters by ``torch.cuda.*Tensor``): ``Tensor.type()`` answers with the CUDA spelling.
 
-The project's own code gets the emulated device from ``training.device.accelerator``, the one
+The project's own code gets the emulated device from ``device.accelerator``, the one
 place that maps ``--device cuda`` to a torch device and a process-group backend: here it answers
 (CPU, gloo). gloo matches point-to-point messages in posting order per peer, as NCCL does, so
 schedule bugs (wrong send/recv pairing) reproduce faithfully.
@@ -61,7 +61,7 @@ def cuda_emulation() -> Iterator[None]:
     """Emulate CUDA on CPU for megatron-core and the project's ``--device cuda`` path."""
     import megatron.core.tensor_parallel.random as mpu_random
 
-    from megatron_endprompt.training import device
+    from megatron_endprompt import device
 
     saved = {
         name: getattr(torch.cuda, name)

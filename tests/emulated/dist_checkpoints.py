@@ -3,7 +3,7 @@
 megatron-core's dist-checkpoint WRITER calls CUDA, so each checkpoint is saved by one emulated
 ``--device cuda`` run (``emulated_train.py``: the real ``training.loop.train`` under
 ``cuda_emulation``, one iteration, ``--save``) at its own TP/PP/VPP layout. The READERS under
-test (``convert/dist_reader.py``, evaluation, export) run in the plain test process, without any
+test (``checkpoint/dist_reader.py``, evaluation, export) run in the plain test process, without any
 emulation. Checkpoints are made on first use and shared by every test of the session (they live
 under pytest's base temporary directory).
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent / "training"))
 
 from train_fixtures import make_corpus, train_flags  # noqa: E402
 
-from megatron_endprompt.training.device import free_port  # noqa: E402
+from megatron_endprompt.device import free_port  # noqa: E402
 
 # name -> (processes, layout flags). 4 layers so PP = 2 x VPP = 2 has one layer per chunk.
 LAYOUTS = {

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "training"))
 
-from megatron_endprompt.training.device import free_port  # noqa: E402
+from megatron_endprompt.device import free_port  # noqa: E402
 
 WORKER = str(HERE / "emulated_train.py")
 

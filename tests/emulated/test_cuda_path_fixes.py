@@ -13,9 +13,10 @@ import pytest
 import torch
 from emulated_run import run_flags
 
+from megatron_endprompt.checkpoint import dist as dist_checkpoint
 from megatron_endprompt.cli import parse_run_config
 from megatron_endprompt.data.tokenizers import build_tokenizer
-from megatron_endprompt.training import dist_checkpoint, megatron_step
+from megatron_endprompt.training import megatron_step
 from megatron_endprompt.training.state import build_datasets_for_run
 
 
@@ -26,6 +27,7 @@ def _run(emu_data, *extra, world_size=1):
     return parse_run_config(argv, world_size=world_size, cuda_available=True)
 
 
+@pytest.mark.usefixtures("single_process_parallel_state")
 def test_model_chunks_are_moved_to_the_runtime_device(emu_data):
     """megatron-core builds parallel linears on the GPU, torch norms on CPU: move every chunk."""
     run = _run(emu_data)
@@ -63,6 +65,7 @@ def test_batch_shared_layout_is_a_fact_of_the_data(emu_data, name):
     assert megatron_step.batch_shared_layout(run) == shared_everywhere, name
 
 
+@pytest.mark.usefixtures("single_process_parallel_state")
 def test_model_keeps_its_rope_fusion_flag_and_checks_declared_layouts(emu_data):
     from megatron_endprompt.model.gpt import build_model
 
@@ -137,7 +140,7 @@ def test_parallel_state_is_rebuilt_when_only_the_virtual_pipeline_changes(monkey
     """Same TP/PP/CP, another VPP: megatron's state must be re-created, not reused."""
     from megatron.core import parallel_state as ps
 
-    from megatron_endprompt.training import device
+    from megatron_endprompt import device
 
     calls = []
     monkeypatch.setattr(ps, "model_parallel_is_initialized", lambda: True)

@@ -16,7 +16,7 @@ import sys
 import pytest
 from emulated_run import ITERS, train_flags
 
-from megatron_endprompt.training import checkpoint as ckpt
+from megatron_endprompt import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,13 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from megatron_endprompt.checkpoint import ShardRank, save_checkpoint
 from megatron_endprompt.eval.cli import main
 from megatron_endprompt.eval.passkey import PasskeyResult
 from megatron_endprompt.eval.report import write_report
 from megatron_endprompt.model.gpt import build_model
-from megatron_endprompt.training.checkpoint import ShardRank, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_process_parallel_state")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

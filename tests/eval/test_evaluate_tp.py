@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "emulated"))
 from dist_checkpoints import dist_checkpoint  # noqa: E402
 
 from megatron_endprompt.convert.checkpoint import convert_hf_to_megatron  # noqa: E402
+from megatron_endprompt.device import free_port  # noqa: E402
 from megatron_endprompt.eval.cli import main  # noqa: E402
-from megatron_endprompt.training.device import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -13,12 +13,14 @@ import torch.multiprocessing as mp
 from eval_fixtures import VOCAB, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_endprompt.checkpoint.weights import (
+    load_megatron_state_dict,
+    shard_for_tensor_parallel,
+)
 from megatron_endprompt.config import ParallelConfig
 from megatron_endprompt.convert.hf_llama import (
     hf_config_from_model_config,
     hf_to_megatron_state_dict,
-    load_megatron_state_dict,
-    shard_for_tensor_parallel,
 )
 from megatron_endprompt.eval.decoding import HFLogitsFn, MegatronLogitsFn
 from megatron_endprompt.eval.scoring import (
@@ -122,7 +124,7 @@ TP = 2
 
 
 def _tp_worker(rank: int, port: int, path: str) -> None:
-    from megatron_endprompt.training import device
+    from megatron_endprompt import device
 
     device.init_distributed("gloo", rank=rank, world_size=TP, port=port)
     device.initialize_model_parallel(tensor_model_parallel_size=TP)
@@ -139,7 +141,7 @@ def _tp_worker(rank: int, port: int, path: str) -> None:
 
 @pytest.mark.slow
 def test_tp2_cached_decode_matches_tp1(models, tmp_path):
-    from megatron_endprompt.training.device import free_port
+    from megatron_endprompt.device import free_port
 
     fn = MegatronLogitsFn(models["ours"], "cpu", VOCAB)
     tokens = greedy_decode(fn, PROMPT, NEW, position_ids=POSITIONS)

@@ -16,6 +16,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from megatron_endprompt.checkpoint import ShardRank, save_checkpoint
 from megatron_endprompt.config import ModelConfig, RopeScalingConfig
 from megatron_endprompt.data.tokenizers import ByteTokenizer
 from megatron_endprompt.eval.loading import (
@@ -27,7 +28,8 @@ from megatron_endprompt.eval.loading import (
     megatron_logits_fn,
 )
 from megatron_endprompt.model.gpt import build_model
-from megatron_endprompt.training.checkpoint import ShardRank, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_process_parallel_state")
 
 PI8 = RopeScalingConfig(rope_type="linear", factor=8.0)
 

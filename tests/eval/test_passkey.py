@@ -7,15 +7,9 @@ import re
 import pytest
 import torch
 
-from megatron_endprompt.eval.passkey import (
-    FILLER_SENTENCES,
-    NEEDLE,
-    QUESTION,
-    evaluate_passkey,
-    leading_digits,
-    make_passkey_prompt,
-)
+from megatron_endprompt.eval.passkey import evaluate_passkey, leading_digits, make_passkey_prompt
 from megatron_endprompt.eval.scoring import greedy_decode, teacher_forced_token_accuracy
+from megatron_endprompt.passkey_text import FILLER_SENTENCES, NEEDLE, QUESTION
 
 EOD = 256
 VOCAB = 257

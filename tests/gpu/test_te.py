@@ -24,9 +24,9 @@ pytestmark = [
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from model_fixtures import endprompt_positions_bs, tiny_model_config  # noqa: E402
 
+from megatron_endprompt.checkpoint.weights import load_megatron_state_dict  # noqa: E402
 from megatron_endprompt.convert.hf_llama import (  # noqa: E402
     hf_to_megatron_state_dict,
-    load_megatron_state_dict,
     megatron_to_hf_state_dict,
 )
 from megatron_endprompt.model.gpt import build_model  # noqa: E402
@@ -60,7 +60,7 @@ def _batch():
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_gpu_state():
-    from megatron_endprompt.training import device
+    from megatron_endprompt import device
 
     device.init_distributed("nccl", rank=0, world_size=1)
     device.initialize_model_parallel()

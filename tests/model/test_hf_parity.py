@@ -21,11 +21,11 @@ import torch
 from model_fixtures import endprompt_positions_bs, tiny_model_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_endprompt.checkpoint.weights import load_megatron_state_dict
 from megatron_endprompt.config import RopeScalingConfig
 from megatron_endprompt.convert.hf_llama import (
     hf_config_from_model_config,
     hf_to_megatron_state_dict,
-    load_megatron_state_dict,
     model_config_from_hf,
 )
 from megatron_endprompt.model.gpt import build_model

@@ -14,12 +14,14 @@ import torch.multiprocessing as mp
 from model_fixtures import endprompt_positions_bs, tiny_model_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_endprompt.checkpoint.weights import (
+    load_megatron_state_dict,
+    shard_for_tensor_parallel,
+)
 from megatron_endprompt.config import ParallelConfig, RopeScalingConfig
 from megatron_endprompt.convert.hf_llama import (
     hf_config_from_model_config,
     hf_to_megatron_state_dict,
-    load_megatron_state_dict,
-    shard_for_tensor_parallel,
 )
 from megatron_endprompt.model.gpt import build_model
 from megatron_endprompt.training.loss import masked_loss_sum
@@ -66,7 +68,7 @@ def _outputs(model):
 
 
 def _tp_worker(rank: int, port: int, result_path: str) -> None:
-    from megatron_endprompt.training import device
+    from megatron_endprompt import device
 
     device.init_distributed("gloo", rank=rank, world_size=TP, port=port)
     device.initialize_model_parallel(tensor_model_parallel_size=TP)
@@ -83,7 +85,7 @@ def _tp_worker(rank: int, port: int, result_path: str) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("single_process_parallel_state")
 def test_tp2_matches_tp1(tmp_path):
-    from megatron_endprompt.training.device import free_port
+    from megatron_endprompt.device import free_port
 
     config = _config()
     reference = build_model(config).eval()

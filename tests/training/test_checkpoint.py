@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_endprompt.training import checkpoint as ckpt
-from megatron_endprompt.training.checkpoint import ShardRank
+from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.checkpoint import ShardRank
 
 
 def _state(seed: int) -> dict:
@@ -41,7 +41,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def exploding_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.torch, "save", exploding_save)
+    monkeypatch.setattr(torch, "save", exploding_save)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(save, 6, _state(6), ShardRank())
     monkeypatch.undo()

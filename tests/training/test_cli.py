@@ -214,8 +214,7 @@ FP8_CUDA = ["--device", "cuda", "--transformer-impl", "te", "--fp8-format", "hyb
 
 
 def fp8_configs(mbs=1, recipe="delayed", sp=False, **model):
-    from megatron_endprompt.config import ModelConfig, ParallelConfig
-    from megatron_endprompt.run_config import TrainingConfig
+    from megatron_endprompt.config import ModelConfig, ParallelConfig, TrainingConfig
 
     shape = dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
                  num_query_groups=2, seq_length=256, max_position_embeddings=2048)  # fmt: skip
@@ -231,7 +230,7 @@ def fp8_configs(mbs=1, recipe="delayed", sp=False, **model):
 
 
 def test_fp8_shapes_good_config_passes():
-    from megatron_endprompt.fp8 import check_fp8_shapes
+    from megatron_endprompt.config.fp8 import check_fp8_shapes
 
     check_fp8_shapes(*fp8_configs())  # 256 tokens, hidden 128, QKV 256, proj 128, ffn 352
     check_fp8_shapes(*fp8_configs(sp=True))  # 256 and 128 tokens, TP 2 widths 128/64/176
@@ -280,14 +279,14 @@ def test_fp8_shapes_good_config_passes():
     ],
 )
 def test_fp8_shapes_bad_dimension_names_its_flag(kwargs, match):
-    from megatron_endprompt.fp8 import check_fp8_shapes
+    from megatron_endprompt.config.fp8 import check_fp8_shapes
 
     with pytest.raises(ValueError, match=match):
         check_fp8_shapes(*fp8_configs(**kwargs), compute_capability=(10, 0))
 
 
 def test_fp8_mxfp8_needs_blackwell():
-    from megatron_endprompt.fp8 import check_fp8_shapes
+    from megatron_endprompt.config.fp8 import check_fp8_shapes
 
     with pytest.raises(ValueError, match=r"--fp8-recipe mxfp8: needs a Blackwell GPU .* has 9.0"):
         check_fp8_shapes(*fp8_configs(recipe="mxfp8"), compute_capability=(9, 0))

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_endprompt.training import dist_checkpoint, megatron_step
+from megatron_endprompt.checkpoint import dist as dist_checkpoint
+from megatron_endprompt.training import megatron_step
 from megatron_endprompt.training.loss import microbatch_objective
 from megatron_endprompt.training.runtime import Runtime
 from megatron_endprompt.training.step import StepShape
@@ -29,7 +30,7 @@ from model_fixtures import tiny_model_config  # noqa: E402
 
 @pytest.fixture(scope="module")
 def parallel_state_1():
-    from megatron_endprompt.training import device
+    from megatron_endprompt import device
 
     device.init_distributed("gloo", rank=0, world_size=1)
     device.initialize_model_parallel()
@@ -489,15 +490,13 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
 
 
 def test_build_model_chunks_seeds_once(monkeypatch, parallel_state_1):
-    import megatron_endprompt.model.gpt as gpt
-
     seeds = []
 
     def fake_build(*a, seed=None, **k):
         seeds.append(seed)
         return torch.nn.Linear(2, 2)
 
-    monkeypatch.setattr(gpt, "build_model", fake_build)
+    monkeypatch.setattr(megatron_step, "build_model", fake_build)
     run = types.SimpleNamespace(
         model=types.SimpleNamespace(transformer_impl="local"),
         parallel=types.SimpleNamespace(virtual_pipeline_model_parallel_size=3),
@@ -534,8 +533,8 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
     import importlib.util
     import os
 
+    from megatron_endprompt import checkpoint as ckpt
     from megatron_endprompt.model.gpt import build_model
-    from megatron_endprompt.training import checkpoint as ckpt
 
     if importlib.util.find_spec("psutil") is None:
         stub = tmp_path / "stub"

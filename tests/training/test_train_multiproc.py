@@ -7,7 +7,7 @@ import sys
 import pytest
 from train_fixtures import make_corpus, train_flags
 
-from megatron_endprompt.training.device import free_port
+from megatron_endprompt.device import free_port
 
 LINE = re.compile(r"^iter\s+(\d+)/\d+ \| loss ([\d.e+-]+) \| lr [\d.e+-]+ \| grad_norm ([\d.e+-]+)")
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from train_fixtures import make_corpus, train_flags
 
+from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.cli import parse_run_config
-from megatron_endprompt.training import checkpoint as ckpt
 from megatron_endprompt.training.loop import train
 
 

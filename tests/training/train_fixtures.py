@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from megatron_endprompt.data.preprocess import preprocess_jsonl
+from megatron_endprompt.prep.preprocess import preprocess_jsonl
 
 TINY_MODEL = [
     "--num-layers",

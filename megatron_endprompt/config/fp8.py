@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from megatron_endprompt.config import ModelConfig, ParallelConfig
+from megatron_endprompt.config.model import ModelConfig, ParallelConfig
 
 if TYPE_CHECKING:
-    from megatron_endprompt.run_config import TrainingConfig
+    from megatron_endprompt.config.sections import TrainingConfig
 
 
 def check_fp8_shapes(

@@ -1,7 +1,7 @@
 """Model-side configuration: RoPE scaling, model shape and numerics, parallel layout.
 
 The rest of a run (data, EndPrompt layout, schedule, checkpoints, logging) is in
-:mod:`megatron_endprompt.run_config`. Each dataclass validates itself in ``__post_init__`` and
+:mod:`megatron_endprompt.config.sections`. Each dataclass validates itself in ``__post_init__`` and
 raises ``ValueError`` naming the field (and the command-line flag it comes from) with the offending
 value, so a bad run fails before any compute. Field names follow Megatron-LM / Hugging Face so
 conversions are lossless.

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from megatron_endprompt.data import corpus
-from megatron_endprompt.data.corpus import iter_source_files, prepare_corpus
+from megatron_endprompt.prep import corpus
+from megatron_endprompt.prep.corpus import iter_source_files, prepare_corpus
 
 
 @pytest.fixture

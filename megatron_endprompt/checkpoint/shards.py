@@ -1,4 +1,5 @@
-"""Atomic checkpoints: model, optimizer, LR schedule, RNG states, consumed samples, iteration.
+"""Our per-shard checkpoint format (CPU runs, conversions): weights, optimizer, LR schedule,
+RNG states, consumed samples and iteration of one (TP, PP) shard.
 
 Layout (Megatron-LM's legacy names, so its tools recognise the directory)::
 
@@ -17,21 +18,25 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_endprompt.atomic_io import atomic_write_text
+from megatron_endprompt.checkpoint.layout import (
+    MODEL_CONFIG_JSON,
+    SHARD_FILE,
+    ShardRank,
+    iteration_dir,
+    publish_iteration,
+    read_tracker,
+    stored_iteration_dir,
+)
+from megatron_endprompt.checkpoint.weights import load_megatron_state_dict
 
-TRACKER = "latest_checkpointed_iteration.txt"
-MODEL_CONFIG_JSON = "model_config.json"
-SHARD_FILE = "model_optim_rng.pt"
 # Fields that must agree between a checkpoint and the model loading it. RoPE scaling, sequence and
 # window lengths may change on purpose (that is context extension); these may not.
 MUST_MATCH = (
@@ -39,26 +44,6 @@ MUST_MATCH = (
     "kv_channels", "normalization", "norm_epsilon", "swiglu", "add_bias_linear",
     "untie_embeddings_and_output_weights", "rotary_base", "rotary_percent", "rotary_interleaved",
 )  # fmt: skip
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-@dataclass(frozen=True)
-class ShardRank:
-    """Where this process sits: which shard it writes and whether it writes at all."""
-
-    tp_rank: int = 0
-    pp_rank: int = 0
-    dp_rank: int = 0
-
-    @property
-    def shard_name(self) -> str:
-        """Megatron's shard folder name, ``mp_rank_TT_PPP``."""
-        return f"mp_rank_{self.tp_rank:02d}_{self.pp_rank:03d}"
-
-
-def iteration_dir(save_dir: str, iteration: int) -> str:
-    """``SAVE/iter_0000123``."""
-    return os.path.join(save_dir, f"iter_{iteration:07d}")
 
 
 def _barrier() -> None:
@@ -131,72 +116,6 @@ def save_checkpoint(
         publish_iteration(save_dir, iteration, tmp, keep_last)
     _barrier()
     return final
-
-
-def publish_iteration(save_dir: str, iteration: int, tmp: str, keep_last: int | None) -> str:
-    """Rename the complete ``tmp`` directory to ``iter_N``, move the tracker, prune (rank 0).
-
-    Shared by both checkpoint formats. An older save of the same iteration is first moved
-    aside and deleted only after the new one is in place and the tracker names it.
-    """
-    final = iteration_dir(save_dir, iteration)
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
-    shutil.rmtree(old, ignore_errors=True)
-    if keep_last is not None:
-        prune_checkpoints(save_dir, keep_last)
-    return final
-
-
-def list_checkpoints(save_dir: str) -> list[int]:
-    """Iterations of the complete checkpoints in ``save_dir``, oldest first."""
-    if not os.path.isdir(save_dir):
-        return []
-    found = (_ITER_RE.match(name) for name in os.listdir(save_dir))
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-def prune_checkpoints(save_dir: str, keep_last: int) -> list[int]:
-    """Delete all but the ``keep_last`` newest complete checkpoints; returns the deleted ones.
-
-    The checkpoint named by the tracker is never deleted.
-    """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    latest = read_tracker(save_dir)
-    iters = list_checkpoints(save_dir)
-    doomed = [i for i in iters[:-keep_last] if i != latest]
-    for it in doomed:
-        shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
-    return doomed
-
-
-def read_tracker(load_dir: str) -> int | None:
-    """The iteration named by the tracker file, or None when there is no checkpoint."""
-    path = os.path.join(load_dir, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path, encoding="utf-8").read().strip()
-    if text == "release":  # Megatron-LM's name for converted (iteration-less) checkpoints
-        return 0
-    if not text.isdigit():
-        raise ValueError(f"--load: tracker file {path} holds {text!r}, not an iteration number")
-    return int(text)
-
-
-def stored_iteration_dir(load_dir: str, iteration: int) -> str:
-    """``iter_NNNNNNN`` of ``load_dir``, or Megatron-LM's ``release`` folder for iteration 0."""
-    base = iteration_dir(load_dir, iteration)
-    release = os.path.join(load_dir, "release")
-    if iteration == 0 and not os.path.isdir(base) and os.path.isdir(release):
-        return release
-    if not os.path.isdir(base) and os.path.isdir(base + ".old"):
-        return base + ".old"  # killed while re-saving this iteration (see publish_iteration)
-    return base
 
 
 def checkpoint_path(load_dir: str, rank: ShardRank, iteration: int | None = None) -> str | None:
@@ -275,8 +194,6 @@ def load_model_weights(
     Raises:
         ValueError: naming --load, on a config disagreement or missing / unexpected keys.
     """
-    from megatron_endprompt.convert.hf_llama import load_megatron_state_dict
-
     check_checkpoint_model(model_config, shard, load_dir)
     try:
         load_megatron_state_dict(module, shard["model"])

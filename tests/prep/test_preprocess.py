@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_endprompt.data import indexed_output
-from megatron_endprompt.data.files import expand_inputs
-from megatron_endprompt.data.preprocess import (
+from megatron_endprompt.data.tokenizers import ByteTokenizer, build_tokenizer
+from megatron_endprompt.prep import indexed_output
+from megatron_endprompt.prep.files import expand_inputs
+from megatron_endprompt.prep.preprocess import (
     MAX_WARNINGS,
     PreprocessError,
     preprocess_jsonl,
 )
-from megatron_endprompt.data.tokenizers import ByteTokenizer, build_tokenizer
 
 TEXTS = ["hello", "wörld\n  indented", "x", "end."]
 

@@ -1,10 +1,11 @@
 """Passkey training documents, written as a Megatron indexed dataset.
 
-Each document is an evaluation passkey prompt (``eval.passkey.build_haystack``: BOS when the
+Each document is an evaluation passkey prompt (``passkey_text.build_haystack``: BOS when the
 tokenizer has one, filler sentences with the needle at a random depth, then the question) followed
 by the answer `` {key}`` and optionally EOD, cut to an exact token length. The filler, needle and
-question are the evaluation's own constants, so retrieval learned here is retrieval evaluated
-there; the answer is tokenized as the evaluation's ``answer_ids``.
+question are the evaluation's own constants (both sides take them from ``passkey_text``), so
+retrieval learned here is retrieval evaluated there; the answer is tokenized as the evaluation's
+``answer_ids``.
 
 Sample alignment (megatron-core 0.16 ``GPTDataset``): the documents are shuffled, concatenated and
 cut by ``helpers.build_sample_idx`` into windows of ``S + add_extra_token_to_sequence`` tokens
@@ -39,9 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 
-from megatron_endprompt.data.indexed_output import StagedIndexedDataset
-from megatron_endprompt.eval.passkey import NEEDLE, QUESTION, build_haystack
-from megatron_endprompt.eval.scoring import Tokenizer, bos_ids
+from megatron_endprompt.passkey_text import NEEDLE, QUESTION, Tokenizer, bos_ids, build_haystack
+from megatron_endprompt.prep.indexed_output import StagedIndexedDataset
 
 MAX_EXACT_TAIL_KEYS = 100_000
 """``tail_tokens`` tokenizes every key up to this many keys (5 digits), else refuses."""

@@ -1,6 +1,7 @@
 """Device and process-group setup: the only module that names CUDA explicitly.
 
-Everything device-specific lives here so the model, data and loss code stay device-agnostic:
+A low layer (above config only): model, checkpoint, training and eval all use it, so everything
+device-specific lives here and the model, data and loss code stay device-agnostic:
 
 * ``init_distributed``: torch.distributed with gloo (CPU) or NCCL (CUDA).
 * ``initialize_model_parallel``: megatron-core's parallel state (TP/PP/CP/DP groups).
@@ -93,10 +94,9 @@ def move_to_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Mo
 
     megatron-core creates its parallel linear layers on the current CUDA device, but torch
     modules of the local spec (``torch.nn.RMSNorm``) land on the CPU; Megatron-LM's ``get_model``
-    moves every chunk to ``torch.cuda.current_device()`` before ``Float16Module``/DDP, as here.
+    moves every chunk to the current CUDA device before ``Float16Module``/DDP, as here (the
+    runtime's device is ``cuda:LOCAL_RANK``, the device ``init_distributed`` made current).
     """
-    if device.type == "cuda":
-        return module.cuda(torch.cuda.current_device())
     return module.to(device)
 
 
@@ -181,6 +181,39 @@ def initialize_model_parallel(
     )
 
 
+def require_model_parallel(parallel_config: ParallelConfig) -> None:
+    """Fail unless megatron's parallel state exists with ``parallel_config``'s layout.
+
+    What model builders call: they never start distributed state themselves (callers do, with
+    :func:`ensure_model_parallel` or ``training.runtime.setup_runtime``).
+
+    Raises:
+        ValueError: If the state is missing or has another (TP, PP, CP) layout.
+    """
+    if not ps.model_parallel_is_initialized():
+        raise ValueError(
+            "megatron's parallel state is not initialised: call "
+            "megatron_endprompt.device.ensure_model_parallel(parallel_config) (one process) or "
+            "training.runtime.setup_runtime() before building a model"
+        )
+    _check_layout(parallel_config)
+
+
+def _check_layout(p: ParallelConfig) -> None:
+    layout = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+    )
+    wanted = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
+    if layout != wanted:
+        raise ValueError(
+            f"megatron parallel state has (TP, PP, CP) = {layout}, but the config asks for "
+            f"{wanted} (--tensor-model-parallel-size, --pipeline-model-parallel-size, "
+            "--context-parallel-size)"
+        )
+
+
 def ensure_model_parallel(parallel_config: ParallelConfig) -> None:
     """Make sure megatron's parallel state exists and matches ``parallel_config``.
 
@@ -195,7 +228,7 @@ def ensure_model_parallel(parallel_config: ParallelConfig) -> None:
             init_distributed(rank=0, world_size=1)
         if not dist.is_initialized():
             raise ValueError(
-                "torch.distributed is not initialised: call training.device.init_distributed() "
+                "torch.distributed is not initialised: call device.init_distributed() "
                 "and initialize_model_parallel() before building a model-parallel model"
             )
         initialize_model_parallel(
@@ -204,18 +237,7 @@ def ensure_model_parallel(parallel_config: ParallelConfig) -> None:
             p.virtual_pipeline_model_parallel_size,
             p.context_parallel_size,
         )
-    layout = (
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_world_size(),
-        ps.get_context_parallel_world_size(),
-    )
-    wanted = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
-    if layout != wanted:
-        raise ValueError(
-            f"megatron parallel state has (TP, PP, CP) = {layout}, but the config asks for "
-            f"{wanted} (--tensor-model-parallel-size, --pipeline-model-parallel-size, "
-            "--context-parallel-size)"
-        )
+    _check_layout(p)
 
 
 def model_parallel_seed(seed: int) -> None:

@@ -1,16 +1,16 @@
 """Configuration of a training run besides the model: data, EndPrompt layout, schedule,
 checkpoints, logging.
 
-Same conventions as :mod:`megatron_endprompt.config` (model, parallel layout, RoPE scaling): one
-dataclass per concern, a one-line docstring under each field (the CLI help text), validation in
-``__post_init__`` raising ``ValueError`` that names the flag and the value.
+Same conventions as :mod:`megatron_endprompt.config.model` (model, parallel layout, RoPE
+scaling): one dataclass per concern, a one-line docstring under each field (the CLI help text),
+validation in ``__post_init__`` raising ``ValueError`` that names the flag and the value.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_endprompt.config import _require
+from megatron_endprompt.config.model import _require
 
 POSITION_MODES = ("contiguous", "endprompt", "pose", "endprompt_pose")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -75,6 +75,13 @@ class EndPromptConfig:
     """Loss weight of terminal predictions (default 0.1 for cue, 1.0 for tail)."""
     pose_num_chunks: int = 2
     """PoSE chunks (pose and endprompt_pose modes)."""
+    terminal_source: str = "contiguous"
+    """Tail text: contiguous (the t tokens after the context) | document_end (its document's last
+    t tokens after a gap, the reference code's random mode); tail terminal only."""
+    pose_chunk_sampler: str = "paper"
+    """PoSE first-chunk length: paper (l0 ~ U{1..S-1}) | reference (l0 ~ U{1..(S+1)//2})."""
+    pose_skip_text: bool = False
+    """PoSE: skip a random stretch of text before each later chunk (reference code's v)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -108,6 +115,55 @@ class EndPromptConfig:
             )
         if self.target_length is not None:
             _require(self.target_length >= 2, "--target-length", self.target_length, "must be >= 2")
+        self._check_fidelity_options()
+
+    def _check_fidelity_options(self) -> None:
+        """The reference-code fidelity options: each applies to some layouts only."""
+        is_pose = self.position_mode in ("pose", "endprompt_pose")
+        source, sampler = self.terminal_source, self.pose_chunk_sampler
+        _require(
+            source in ("contiguous", "document_end"),
+            "--endprompt-terminal-source",
+            source,
+            "must be contiguous or document_end",
+        )
+        _require(
+            source == "contiguous"
+            or (self.terminal == "tail" and self.position_mode in ("endprompt", "endprompt_pose")),
+            "--endprompt-terminal-source",
+            source,
+            "needs --endprompt-terminal tail and --position-mode endprompt or endprompt_pose",
+        )
+        _require(
+            sampler in ("paper", "reference"),
+            "--pose-chunk-sampler",
+            sampler,
+            "must be paper or reference",
+        )
+        _require(
+            sampler == "paper" or is_pose,
+            "--pose-chunk-sampler",
+            sampler,
+            "needs --position-mode pose or endprompt_pose",
+        )
+        _require(
+            sampler == "paper" or self.pose_num_chunks <= 2,
+            "--pose-chunk-sampler",
+            sampler,
+            f"draws the reference code's two chunks; --pose-num-chunks={self.pose_num_chunks}",
+        )
+        _require(
+            not self.pose_skip_text or is_pose,
+            "--pose-skip-text",
+            True,
+            "needs --position-mode pose or endprompt_pose",
+        )
+        _require(
+            not (self.pose_skip_text and source == "document_end"),
+            "--pose-skip-text",
+            True,
+            "cannot be combined with --endprompt-terminal-source document_end (two text sources)",
+        )
 
     @property
     def is_per_sample_random(self) -> bool:

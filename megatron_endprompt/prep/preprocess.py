@@ -31,9 +31,9 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 from tqdm import tqdm
 
-from megatron_endprompt.data.files import expand_inputs
-from megatron_endprompt.data.indexed_output import StagedIndexedDataset
 from megatron_endprompt.data.tokenizers import build_tokenizer
+from megatron_endprompt.prep.files import expand_inputs
+from megatron_endprompt.prep.indexed_output import StagedIndexedDataset
 
 SKIP_REASONS = (
     "malformed_json",

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_endprompt.training import checkpoint as ckpt
-from megatron_endprompt.training.device import synchronize
+from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.device import synchronize
 
 
 def _model_keys(n: int) -> list[str]:

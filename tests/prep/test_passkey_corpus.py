@@ -17,7 +17,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_endprompt.data.builder import build_datasets
-from megatron_endprompt.data.passkey_corpus import (
+from megatron_endprompt.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
+from megatron_endprompt.eval.passkey import make_passkey_prompt
+from megatron_endprompt.prep.passkey_corpus import (
     _build,
     decode_check,
     document_episodes,
@@ -26,8 +28,6 @@ from megatron_endprompt.data.passkey_corpus import (
     tail_tokens,
     write_passkey_corpus,
 )
-from megatron_endprompt.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
-from megatron_endprompt.eval.passkey import make_passkey_prompt
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BYTES = ByteTokenizer()

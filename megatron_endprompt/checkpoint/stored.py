@@ -3,12 +3,11 @@
 :func:`open_checkpoint` reads one iteration of a ``--save`` directory in either format:
 
 - ``torch``: this package's per-shard format (``iter_N/mp_rank_TT_PPP/model_optim_rng.pt``, see
-  ``training/checkpoint.py``), written by CPU training and by ``tools/convert_checkpoint.py``.
+  ``checkpoint/shards.py``), written by CPU training and by ``tools/convert_checkpoint.py``.
   Shards are memory-mapped; a layer is gathered over its TP slices (``merge_tensor_parallel``).
   Stages number their layers locally, so stage p holds global layers p * n/PP .. (p+1) * n/PP - 1.
 - ``torch_dist``: megatron-core dist_checkpointing, written by CUDA training (any TP/PP/VPP):
-  read by :class:`~megatron_endprompt.convert.dist_reader.DistCheckpointReader`, no process group,
-  no CUDA.
+  read by :class:`~.dist_reader.DistCheckpointReader`, no process group, no CUDA.
 
 Either way the checkpoint answers with global names (``decoder.layers.{i}.…``, i the global
 layer) and full tensors, one layer at a time; :func:`rank_state_dict` reshards them for any
@@ -28,12 +27,7 @@ from typing import Any
 
 import torch
 
-from megatron_endprompt.config import ModelConfig, ParallelConfig, model_config_from_dict
-from megatron_endprompt.convert.dist_reader import DistCheckpointReader, is_dist_checkpoint
-from megatron_endprompt.convert.hf_llama import norm_keys, shard_for_tensor_parallel
-from megatron_endprompt.convert.shapes import check_shapes, megatron_shard_shapes
-from megatron_endprompt.convert.shapes import merge_tensor_parallel as _merge_tp
-from megatron_endprompt.training.checkpoint import (
+from megatron_endprompt.checkpoint import (
     MODEL_CONFIG_JSON,
     SHARD_FILE,
     TRACKER,
@@ -41,6 +35,15 @@ from megatron_endprompt.training.checkpoint import (
     recorded_model_config,
     stored_iteration_dir,
 )
+from megatron_endprompt.checkpoint.dist_reader import DistCheckpointReader, is_dist_checkpoint
+from megatron_endprompt.checkpoint.weights import (
+    check_shapes,
+    megatron_shard_shapes,
+    norm_keys,
+    shard_for_tensor_parallel,
+)
+from megatron_endprompt.checkpoint.weights import merge_tensor_parallel as _merge_tp
+from megatron_endprompt.config import ModelConfig, ParallelConfig, model_config_from_dict
 
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from megatron_endprompt.data.files import expand_inputs
+from megatron_endprompt.prep.files import expand_inputs
 
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 USER_DEFINED_SYMBOLS = ("<|eot_id|>",)

@@ -1,0 +1,109 @@
+"""Checkpoint directory layout, shared by every format (Megatron-LM's legacy names)::
+
+    SAVE/latest_checkpointed_iteration.txt     tracker: the newest COMPLETE iteration ("release")
+    SAVE/iter_0000100/                         one iteration (Megatron-LM also has SAVE/release/)
+    SAVE/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt    per-shard format (shards.py)
+    SAVE/iter_0000100/{metadata.json,common.pt,*.distcp}   dist_checkpointing format (dist.py)
+
+A save is written under ``iter_N.tmp`` and published by :func:`publish_iteration` (rename, then
+the tracker, then pruning), so the tracker only ever names a complete directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from megatron_endprompt.atomic_io import atomic_write_text
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG_JSON = "model_config.json"
+SHARD_FILE = "model_optim_rng.pt"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+@dataclass(frozen=True)
+class ShardRank:
+    """Where this process sits: which shard it writes and whether it writes at all."""
+
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+
+    @property
+    def shard_name(self) -> str:
+        """Megatron's shard folder name, ``mp_rank_TT_PPP``."""
+        return f"mp_rank_{self.tp_rank:02d}_{self.pp_rank:03d}"
+
+
+def iteration_dir(save_dir: str, iteration: int) -> str:
+    """``SAVE/iter_0000123``."""
+    return os.path.join(save_dir, f"iter_{iteration:07d}")
+
+
+def publish_iteration(save_dir: str, iteration: int, tmp: str, keep_last: int | None) -> str:
+    """Rename the complete ``tmp`` directory to ``iter_N``, move the tracker, prune (rank 0).
+
+    Shared by both checkpoint formats. An older save of the same iteration is first moved
+    aside and deleted only after the new one is in place and the tracker names it.
+    """
+    final = iteration_dir(save_dir, iteration)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if keep_last is not None:
+        prune_checkpoints(save_dir, keep_last)
+    return final
+
+
+def list_checkpoints(save_dir: str) -> list[int]:
+    """Iterations of the complete checkpoints in ``save_dir``, oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    found = (_ITER_RE.match(name) for name in os.listdir(save_dir))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def prune_checkpoints(save_dir: str, keep_last: int) -> list[int]:
+    """Delete all but the ``keep_last`` newest complete checkpoints; returns the deleted ones.
+
+    The checkpoint named by the tracker is never deleted.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    latest = read_tracker(save_dir)
+    iters = list_checkpoints(save_dir)
+    doomed = [i for i in iters[:-keep_last] if i != latest]
+    for it in doomed:
+        shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
+    return doomed
+
+
+def read_tracker(load_dir: str) -> int | None:
+    """The iteration named by the tracker file, or None when there is no checkpoint."""
+    path = os.path.join(load_dir, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if text == "release":  # Megatron-LM's name for converted (iteration-less) checkpoints
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"--load: tracker file {path} holds {text!r}, not an iteration number")
+    return int(text)
+
+
+def stored_iteration_dir(load_dir: str, iteration: int) -> str:
+    """``iter_NNNNNNN`` of ``load_dir``, or Megatron-LM's ``release`` folder for iteration 0."""
+    base = iteration_dir(load_dir, iteration)
+    release = os.path.join(load_dir, "release")
+    if iteration == 0 and not os.path.isdir(base) and os.path.isdir(release):
+        return release
+    if not os.path.isdir(base) and os.path.isdir(base + ".old"):
+        return base + ".old"  # killed while re-saving this iteration (see publish_iteration)
+    return base

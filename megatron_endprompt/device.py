@@ -38,6 +38,24 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_rng_state() -> torch.Tensor | None:
+    """The CUDA generator's state when CUDA is in use, else None (for checkpoints)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_rng_state()
+    return None
+
+
+def set_cuda_rng_state(state: torch.Tensor) -> None:
+    """Restore :func:`cuda_rng_state` (ignored without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state)
+
+
+def peak_allocated_gib(device: torch.device) -> float:
+    """The CUDA allocator's peak on ``device`` in GiB."""
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def transformer_engine_available() -> bool:
     """True when Transformer Engine is importable (without importing it)."""
     return importlib.util.find_spec("transformer_engine") is not None

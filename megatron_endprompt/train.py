@@ -10,8 +10,6 @@ import os
 import sys
 import warnings
 
-import torch
-
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print a summary. Returns the process exit status."""
@@ -23,12 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         warnings.filterwarnings("ignore", message=notice)
     from megatron_endprompt.cli import parse_run_config
+    from megatron_endprompt.device import cuda_available
     from megatron_endprompt.training.loop import train
     from megatron_endprompt.training.runtime import teardown_runtime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        run = parse_run_config(argv, world_size=world, cuda_available=torch.cuda.is_available())
+        run = parse_run_config(argv, world_size=world, cuda_available=cuda_available())
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

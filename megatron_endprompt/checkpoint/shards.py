@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_endprompt import device
 from megatron_endprompt.checkpoint.layout import (
     MODEL_CONFIG_JSON,
     SHARD_FILE,
@@ -62,8 +63,9 @@ def get_rng_state() -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "torch_cpu": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
+    cuda = device.cuda_rng_state()
+    if cuda is not None:
+        state["torch_cuda"] = cuda
     return state
 
 
@@ -72,8 +74,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
+    if "torch_cuda" in state:
+        device.set_cuda_rng_state(state["torch_cuda"])
 
 
 def save_checkpoint(

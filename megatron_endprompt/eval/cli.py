@@ -229,11 +229,11 @@ def write_outputs(results: dict[str, Any], args: argparse.Namespace, meta: dict)
 
 
 def _resolve_device(device: str) -> str:
-    import torch
+    from megatron_endprompt.device import cuda_available  # lazily, like the rest of the stack
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
         raise UsageError("--device cuda: CUDA is not available")
     return device
 

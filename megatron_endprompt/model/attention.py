@@ -23,6 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_endprompt import device
+
 
 class SDPACoreAttention(MegatronModule):
     """Drop-in for megatron-core's ``DotProductAttention`` built on torch SDPA.
@@ -78,7 +80,7 @@ class SDPACoreAttention(MegatronModule):
 
     def _dropout_rng(self) -> contextlib.AbstractContextManager:
         """Per-TP-rank RNG stream for dropout (as megatron-core); the default one on CPU."""
-        if self.config.sequence_parallel or not torch.cuda.is_available():
+        if self.config.sequence_parallel or not device.cuda_available():
             return contextlib.nullcontext()
         tracker = tensor_parallel.get_cuda_rng_tracker()
         if not tracker.get_states():

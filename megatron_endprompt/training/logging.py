@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_endprompt.atomic_io import atomic_write
+from megatron_endprompt.device import peak_allocated_gib
 
 
 def format_duration(seconds: float) -> str:
@@ -150,7 +151,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     the same program.
     """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+        return peak_allocated_gib(device), "cuda_max_allocated"
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_peak_rss"

@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The method's choice sets, defined once: the run config (flags) and the dataset config use these.
+POSITION_MODES = ("contiguous", "endprompt", "pose", "endprompt_pose")
+TERMINALS = ("cue", "tail")
+TERMINAL_SOURCES = ("contiguous", "document_end")
 PLACEMENTS = ("fixed", "random")
 POSE_CHUNK_SAMPLERS = ("paper", "reference")
 

@@ -13,11 +13,14 @@ import numpy as np
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
 from megatron_endprompt.data.layouts import POSE_MODES, LayoutSpec
-from megatron_endprompt.positions import PLACEMENTS, POSE_CHUNK_SAMPLERS
+from megatron_endprompt.positions import (
+    PLACEMENTS,
+    POSE_CHUNK_SAMPLERS,
+    POSITION_MODES,
+    TERMINAL_SOURCES,
+    TERMINALS,
+)
 
-POSITION_MODES = ("contiguous", "endprompt", "pose", "endprompt_pose")
-TERMINALS = ("cue", "tail")
-TERMINAL_SOURCES = ("contiguous", "document_end")
 ENDPROMPT_MODES = ("endprompt", "endprompt_pose")
 EP1_CUE = "This is the end of text, please pay attention here"
 """The paper's EP_1 terminal cue."""

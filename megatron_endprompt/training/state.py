@@ -83,8 +83,17 @@ def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> d
 
 
 def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
-    """The EndPromptDatasetConfig of a run."""
-    d, e = run.data, run.endprompt
+    """The EndPromptDatasetConfig of a run.
+
+    Every EndPrompt field the dataset has is taken by name from ``run.endprompt`` (a new option
+    cannot be forgotten on the way), ``target_length`` resolved (default: the model's maximum
+    position); the rest comes from the model, data and training sections.
+    """
+    names = {f.name for f in dataclasses.fields(EndPromptDatasetConfig)}
+    e = run.endprompt
+    layout = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name in names}
+    layout["target_length"] = run.target_length
+    d = run.data
     return EndPromptDatasetConfig(
         random_seed=run.training.seed,
         sequence_length=run.model.seq_length,
@@ -96,17 +105,7 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
         reset_attention_mask=False,
         eod_mask_loss=d.eod_mask_loss,
         create_attention_mask=False,
-        position_mode=e.position_mode,
-        terminal=e.terminal,
-        placement=e.placement,
-        target_length=run.target_length,
-        tail_length=e.tail_length,
-        pose_num_chunks=e.pose_num_chunks,
-        cues=e.cues,
-        terminal_loss_weight=e.terminal_loss_weight,
-        terminal_source=e.terminal_source,
-        pose_chunk_sampler=e.pose_chunk_sampler,
-        pose_skip_text=e.pose_skip_text,
+        **layout,
     )
 
 

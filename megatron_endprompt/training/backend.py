@@ -56,12 +56,16 @@ class Backend(Protocol):
 
 
 @dataclass
-class LocalBackend:
-    """CPU: gloo, torch DDP over the data-parallel group, torch AdamW, per-shard checkpoints."""
+class _BackendState:
+    """What every backend is made with: the run, its process groups and its batch geometry."""
 
     run: object
     rt: Runtime
     shape: StepShape
+
+
+class LocalBackend(_BackendState):
+    """CPU: gloo, torch DDP over the data-parallel group, torch AdamW, per-shard checkpoints."""
 
     def build(self) -> TrainingObjects:
         run, rt = self.run, self.rt
@@ -111,13 +115,8 @@ class LocalBackend:
         return ckpt.save_checkpoint(c.save, state.iteration, shard, rank, keep_last=c.keep_last)
 
 
-@dataclass
-class MegatronBackend:
+class MegatronBackend(_BackendState):
     """CUDA: megatron-core DDP, optimizer, schedules (PP, VPP) and dist checkpoints."""
-
-    run: object
-    rt: Runtime
-    shape: StepShape
 
     def build(self) -> TrainingObjects:
         run, rt = self.run, self.rt

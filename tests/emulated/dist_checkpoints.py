@@ -13,17 +13,16 @@ under pytest's base temporary directory).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "training"))
 
-from train_fixtures import make_corpus, train_flags  # noqa: E402
+sys.path.insert(0, str(HERE))
 
-from megatron_endprompt.device import free_port  # noqa: E402
+from emulated_run import launch_plan  # noqa: E402
+from train_fixtures import make_corpus, train_flags  # noqa: E402
 
 # name -> (processes, layout flags). 4 layers so PP = 2 x VPP = 2 has one layer per chunk.
 LAYOUTS = {
@@ -48,18 +47,24 @@ def _flags(root: Path) -> list[str]:
 
 
 def dist_checkpoint(tmp_path_factory, name: str) -> str:  # noqa: ANN001
-    """The ``--save`` directory of layout ``name`` (see ``LAYOUTS``), saved after 1 iteration."""
+    """The ``--save`` directory of layout ``name`` (see ``LAYOUTS``), saved after 1 iteration.
+
+    The first request for a layout saves every layout of the same process count in one
+    launch (megatron-core and torch are imported once per launch, not once per layout).
+    """
     root = tmp_path_factory.getbasetemp() / "dist_checkpoints"
     save = root / name
     if (save / "latest_checkpointed_iteration.txt").is_file():
         return str(save)
-    nproc, layout = LAYOUTS[name]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), str(HERE / "emulated_train.py"),
-        str(root / f"{name}.out"), *_flags(root), *layout,
-        "--train-iters", "1", "--save", str(save),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    nproc = LAYOUTS[name][0]
+    flags = _flags(root)
+    runs = [
+        {
+            "name": other,
+            "flags": [*flags, *layout, "--train-iters", "1", "--save", str(root / other)],
+        }
+        for other, (n, layout) in LAYOUTS.items()
+        if n == nproc and not (root / other / "latest_checkpointed_iteration.txt").is_file()
+    ]
+    launch_plan(nproc, runs, root / f"launch{nproc}")
     return str(save)

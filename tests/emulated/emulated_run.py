@@ -14,6 +14,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "training"))
+sys.path.insert(0, str(HERE.parent / "training"))
+
+from train_fixtures import override_flags  # noqa: E402
 
 from megatron_endprompt.device import free_port  # noqa: E402
 
@@ -35,16 +38,19 @@ ENDPROMPT = [
 
 
 def run_flags(data: str, cache: str, *extra: str, warmup: int = 0) -> list[str]:
-    """Flags of an emulated run (no --device: the worker sets --device cuda)."""
-    return [
+    """Flags of an emulated run (no --device: the worker sets --device cuda).
+
+    A flag of ``extra`` replaces the default one (the parser refuses a flag given twice).
+    """
+    base = [
         *MODEL,
         *ENDPROMPT,
         "--tokenizer-type", "ByteTokenizer", "--data-path", data, "--data-cache-path", cache,
         "--split", "90,10,0", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--lr", "1e-3", "--lr-warmup-iters", str(warmup), "--lr-decay-style", "cosine",
         "--lr-decay-iters", "8", "--log-interval", "1", "--num-workers", "0", "--seed", "7",
-        *extra,
     ]  # fmt: skip
+    return override_flags(base, list(extra))
 
 
 ITERS = 4

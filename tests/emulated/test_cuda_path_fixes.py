@@ -52,9 +52,7 @@ LAYOUTS = {
 def test_batch_shared_layout_is_a_fact_of_the_data(emu_data, name):
     """The RoPE-fusion decision, made once from the flags, holds for every micro-batch read."""
     data, cache = emu_data
-    flags = run_flags(data, cache, "--train-iters", "4")
-    i = flags.index("--position-mode")
-    flags = flags[:i] + flags[i + 2 :] + LAYOUTS[name]  # run_flags' cues stay (2 lengths)
+    flags = run_flags(data, cache, "--train-iters", "4", *LAYOUTS[name])  # 2 cues of 2 lengths
     run = parse_run_config(["--device", "cuda", *flags], world_size=1, cuda_available=True)
     train, _ = build_datasets_for_run(
         run, types.SimpleNamespace(is_data_reader=True), build_tokenizer("ByteTokenizer", None)

@@ -41,9 +41,36 @@ def make_corpus(directory: str, num_docs: int = 60, seed: int = 0) -> str:
     return prefix + "_text_document"
 
 
+def _groups(flags: list[str]) -> list[list[str]]:
+    """``[--a, 1, --b, x, y]`` -> ``[[--a, 1], [--b, x, y]]``."""
+    groups: list[list[str]] = []
+    for item in flags:
+        if item.startswith("--") or not groups:
+            groups.append([item])
+        else:
+            groups[-1].append(item)
+    return groups
+
+
+def override_flags(base: list[str], extra: list[str]) -> list[str]:
+    """``base`` with each flag of ``extra`` replacing the same flag's value (the parser refuses
+    a flag given twice), flags new to ``base`` appended."""
+    new = _groups(list(extra))
+    given = {g[0] for g in new}
+    kept = [g for g in _groups(list(base)) if g[0] not in given]
+    return [item for g in kept + new for item in g]
+
+
 def train_flags(data_prefix: str, cache: str, *extra: str) -> list[str]:
-    """Flags of a tiny CPU run on ``data_prefix`` (contiguous positions unless ``extra`` says)."""
-    mode = [] if "--position-mode" in extra else ["--position-mode", "contiguous"]
+    """Flags of a tiny CPU run on ``data_prefix`` (contiguous positions unless ``extra`` says).
+
+    A flag of ``extra`` replaces the default one (each flag is given once).
+    """
+    return override_flags(_base_flags(data_prefix, cache), list(extra))
+
+
+def _base_flags(data_prefix: str, cache: str) -> list[str]:
+    mode = ["--position-mode", "contiguous"]
     return [
         *mode,
         "--device",
@@ -75,5 +102,4 @@ def train_flags(data_prefix: str, cache: str, *extra: str) -> list[str]:
         "0",
         "--seed",
         "7",
-        *extra,
     ]

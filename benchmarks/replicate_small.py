@@ -410,7 +410,8 @@ def extend(
         *rope_flags(s, s.rope_scaling),
         "--load", os.path.join(out, "ckpt", "base"), "--finetune",
         "--train-iters", str(s.extend_iters), "--lr", str(s.extend_lr),
-        "--lr-warmup-iters", str(min(s.warmup_iters, s.extend_iters)),
+        # megatron-core's schedule needs warm-up shorter than the decay (--train-iters here)
+        "--lr-warmup-iters", str(max(0, min(s.warmup_iters, s.extend_iters - 1))),
         "--lr-decay-style", "constant",
     ]  # fmt: skip
     run = f"{m.name}_seed{seed}"

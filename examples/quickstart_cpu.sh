@@ -29,9 +29,11 @@ T0=$(date +%s)
 
 if [[ "$MODE" == smoke ]]; then
     MAX_DOCS=150; VOCAB=1024; PRETRAIN_ITERS=6; EXTEND_ITERS=4; LOG_INTERVAL=2; MAX_DOC_BYTES=40000
+    PRETRAIN_WARMUP=2; EXTEND_WARMUP=1
     EVAL_LENGTHS=256,2048; EVAL_DEPTHS=0.5; EVAL_TRIALS=1; PPL_WINDOWS=1
 else
     MAX_DOCS=1200; VOCAB=4096; PRETRAIN_ITERS=300; EXTEND_ITERS=100; LOG_INTERVAL=25; MAX_DOC_BYTES=200000
+    PRETRAIN_WARMUP=10; EXTEND_WARMUP=5
     EVAL_LENGTHS=256,512,1024,2048; EVAL_DEPTHS=0,0.25,0.5,0.75,1; EVAL_TRIALS=2; PPL_WINDOWS=4
 fi
 
@@ -68,7 +70,7 @@ echo "== [4/6] pretrain tiny at S = 256 (contiguous positions)"
 rm -rf "$OUT/ckpt_base" "$OUT/ckpt_endprompt"
 "$PYTHON" -m megatron_endprompt.train "${COMMON_ARGS[@]}" \
     --max-position-embeddings 256 --position-mode contiguous \
-    --train-iters "$PRETRAIN_ITERS" --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 \
+    --train-iters "$PRETRAIN_ITERS" --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters "$PRETRAIN_WARMUP" \
     --lr-decay-style cosine --save "$OUT/ckpt_base" --tensorboard-dir "$OUT/tb/base" \
     | tee "$OUT/pretrain.log"
 
@@ -78,7 +80,7 @@ echo "== [5/6] extend to L = 2048 with EndPrompt (PI x8, physical S = 256)"
     --rope-scaling-type linear --rope-scaling-factor 8 \
     --position-mode endprompt --endprompt-terminal cue --endprompt-placement fixed \
     --load "$OUT/ckpt_base" --finetune \
-    --train-iters "$EXTEND_ITERS" --lr 5e-4 --lr-warmup-iters 5 --lr-decay-style constant \
+    --train-iters "$EXTEND_ITERS" --lr 5e-4 --lr-warmup-iters "$EXTEND_WARMUP" --lr-decay-style constant \
     --save "$OUT/ckpt_endprompt" --tensorboard-dir "$OUT/tb/endprompt" \
     | tee "$OUT/extend.log"
 

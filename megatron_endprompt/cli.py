@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from megatron_endprompt.cli_utils import Flag, add_dataclass_args, dataclass_from_args
+from megatron_endprompt.cli_utils import (
+    Flag,
+    StrictArgumentParser,
+    add_dataclass_args,
+    dataclass_from_args,
+)
 from megatron_endprompt.config import (
     CheckpointConfig,
     DataConfig,
@@ -47,8 +52,12 @@ CHECKPOINT_FLAGS = {"exit_signal_handler": Flag("--no-exit-signal-handler", inve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (``python -m megatron_endprompt.train --help``)."""
-    p = argparse.ArgumentParser(
+    """The full argument parser (``python -m megatron_endprompt.train --help``).
+
+    Strict (:class:`~megatron_endprompt.cli_utils.StrictArgumentParser`): no abbreviations, no
+    repeated flag, non-finite floats refused; usage errors raise ``ValueError``.
+    """
+    p = StrictArgumentParser(
         prog="python -m megatron_endprompt.train",
         description="Train / extend a RoPE language model with EndPrompt on megatron-core.",
     )

@@ -6,6 +6,11 @@ spells the flag differently (``add_bias_linear`` <- ``--disable-bias-linear``, s
 where a concern prefix is wanted (``rope_type`` <- ``--rope-scaling-type``). Nested dataclass
 fields are skipped: their own flags build them. Validation stays in the dataclasses'
 ``__post_init__``, so the CLI cannot accept what the Python API would reject.
+
+:class:`StrictArgumentParser` is what the generated flags are parsed with: like Megatron-LM's
+parser it refuses abbreviations (``allow_abbrev=False``), it also refuses a flag given twice (the
+last would silently win), and it raises ``ValueError`` instead of exiting, so entry points print
+one ``error:`` line. Float flags go through :func:`finite_float`, which refuses ``inf``/``nan``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -22,6 +28,53 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+
+class StrictArgumentParser(argparse.ArgumentParser):
+    """``argparse`` without its silent guesses; usage errors raise ``ValueError``.
+
+    No prefix matching (``--lr-warm`` is not ``--lr-warmup-iters``), and each option once:
+    ``--lr 1e-3 ... --lr 5`` is refused naming ``--lr`` (``--flag=value`` spellings and the
+    values of ``nargs='+'`` flags are told apart by the option strings the parser knows).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:  # argparse hook: raise, do not exit
+        raise ValueError(message)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 (argparse API)
+        argv = sys.argv[1:] if args is None else list(args)
+        self._refuse_repeats(argv)
+        return super().parse_known_args(argv, namespace)
+
+    def _refuse_repeats(self, argv: list[str]) -> None:
+        seen: dict[int, str] = {}
+        for token in argv:
+            if token == "--":  # everything after is positional
+                break
+            name = token.split("=", 1)[0] if token.startswith("--") else token
+            action = self._option_string_actions.get(name)
+            if action is None:
+                continue
+            if id(action) in seen:
+                first = seen[id(action)]
+                also = "" if first == name else f" (also as {first})"
+                self.error(f"{name} is given more than once{also}: give each flag once")
+            seen[id(action)] = name
+
+
+def finite_float(text: str) -> float:
+    """The ``type`` of float flags: a number, refusing ``inf`` and ``nan``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -111,7 +164,8 @@ def add_dataclass_args(
             continue
         if is_list:
             kwargs["nargs"] = "+"
-        group.add_argument(flag.name, type=scalar if scalar in (int, float) else str, **kwargs)
+        cast = {int: int, float: finite_float}.get(scalar, str)
+        group.add_argument(flag.name, type=cast, **kwargs)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any = None, **extra: Any):

@@ -161,7 +161,7 @@ def describe(
 
 def main(argv: list[str] | None = None) -> int:
     """``tools/plan.py``: validate flags for a given world size and print the plan."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--world-size", type=int, default=1)
     pre.add_argument(
         "--vocab-size",

@@ -108,7 +108,8 @@ def sharded_state(
         sd["rng_state"] = _rng_sharded(rt)
     sd["iteration"] = state.iteration
     sd["consumed_samples"] = state.consumed_samples
-    if not for_load:
+    if not for_load:  # read back with .get: older checkpoints lack the validation position
+        sd["valid_consumed_samples"] = state.valid_consumed_samples
         sd["rng_layout"] = _layout(rt)
         sd["run_config"] = run.to_dict()
     return sd
@@ -255,6 +256,7 @@ def load(run, rt, objs, state) -> bool:
     if not run.checkpoint.finetune:
         state.iteration = int(loaded["iteration"])
         state.consumed_samples = int(loaded["consumed_samples"])
+        state.valid_consumed_samples = int(loaded.get("valid_consumed_samples", 0))
     synchronize(rt.device)
     return True
 
@@ -284,4 +286,5 @@ def _load_legacy(run, rt, objs, state, iteration: int) -> bool:
     if not run.checkpoint.finetune:
         state.iteration = int(shard.get("iteration", 0))
         state.consumed_samples = int(shard.get("consumed_samples", 0))
+        state.valid_consumed_samples = int(shard.get("valid_consumed_samples", 0))
     return True

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from megatron_endprompt.checkpoint.shards import safe_load
+
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 STACKED_LAYERS = "decoder.layers."
 METADATA_JSON = "metadata.json"
@@ -142,10 +144,9 @@ class DistCheckpointReader:
         path = os.path.join(self.path, COMMON_FILE)
         if not os.path.isfile(path):
             return {}
-        try:  # the common state holds python objects (scheduler, run config), not only tensors
-            common = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"{self.where}: cannot read {path}: {err}") from err
+        # Plain containers (scheduler, run config, progress) plus megatron-core's registered safe
+        # globals: never executes code (shards.safe_load).
+        common = safe_load(path, self.where)
         return common if isinstance(common, dict) else {}
 
     def num_stacked_layers(self) -> int | None:

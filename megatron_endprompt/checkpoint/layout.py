@@ -3,14 +3,18 @@
     SAVE/latest_checkpointed_iteration.txt     tracker: the newest COMPLETE iteration ("release")
     SAVE/iter_0000100/                         one iteration (Megatron-LM also has SAVE/release/)
     SAVE/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt    per-shard format (shards.py)
+    SAVE/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt.sha256    its checksum (sha256sum format)
     SAVE/iter_0000100/{metadata.json,common.pt,*.distcp}   dist_checkpointing format (dist.py)
 
 A save is written under ``iter_N.tmp`` and published by :func:`publish_iteration` (rename, then
-the tracker, then pruning), so the tracker only ever names a complete directory.
+the tracker, then pruning), so the tracker only ever names a complete directory. A shard's
+checksum file is written inside ``iter_N.tmp`` and checked on load; shards without one (older
+checkpoints, conversions) load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -21,7 +25,9 @@ from megatron_endprompt.atomic_io import atomic_write_text
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_JSON = "model_config.json"
 SHARD_FILE = "model_optim_rng.pt"
+CHECKSUM_SUFFIX = ".sha256"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
+_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,27 @@ def read_tracker(load_dir: str) -> int | None:
     return int(text)
 
 
+def check_load_dir(load_dir: str, finetune: bool, exit_on_missing: bool) -> bool:
+    """Whether ``load_dir`` holds a checkpoint (a tracker file); refuses what cannot be meant.
+
+    Raises:
+        ValueError: ``load_dir`` is a file, or holds no checkpoint while ``finetune`` (nothing
+            to fine-tune) or ``exit_on_missing`` (--exit-on-missing-checkpoint) is set.
+    """
+    if os.path.exists(load_dir) and not os.path.isdir(load_dir):
+        raise ValueError(f"--load={load_dir}: is a file, not a checkpoint directory")
+    if read_tracker(load_dir) is not None:
+        return True
+    why = "does not exist" if not os.path.isdir(load_dir) else f"holds no {TRACKER}"
+    if finetune:
+        raise ValueError(f"--load={load_dir}: no checkpoint ({why}), nothing to --finetune")
+    if exit_on_missing:
+        raise ValueError(
+            f"--load={load_dir}: no checkpoint ({why}) and --exit-on-missing-checkpoint"
+        )
+    return False
+
+
 def stored_iteration_dir(load_dir: str, iteration: int) -> str:
     """``iter_NNNNNNN`` of ``load_dir``, or Megatron-LM's ``release`` folder for iteration 0."""
     base = iteration_dir(load_dir, iteration)
@@ -107,3 +134,38 @@ def stored_iteration_dir(load_dir: str, iteration: int) -> str:
     if not os.path.isdir(base) and os.path.isdir(base + ".old"):
         return base + ".old"  # killed while re-saving this iteration (see publish_iteration)
     return base
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (shards can be many GiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksum(path: str) -> str:
+    """Record ``path``'s sha256 in ``path.sha256`` (``sha256sum -c`` reads it); returns it."""
+    value = file_sha256(path)
+    text = f"{value}  {os.path.basename(path)}\n"
+    atomic_write_text(path + CHECKSUM_SUFFIX, text, fsync=True)
+    return value
+
+
+def verify_checksum(path: str) -> bool:
+    """Check ``path`` against its ``.sha256`` file; False when it has none (older checkpoints).
+
+    Raises:
+        ValueError: naming the file, when the bytes do not match (bit rot, truncation).
+    """
+    record = path + CHECKSUM_SUFFIX
+    if not os.path.isfile(record):
+        return False
+    with open(record, encoding="utf-8") as f:
+        fields = f.read().split()
+    if not fields:
+        raise ValueError(f"checkpoint shard {path} is corrupt: {record} is empty")
+    if file_sha256(path) != fields[0].lower():
+        raise ValueError(f"checkpoint shard {path} is corrupt: sha256 mismatch with {record}")
+    return True

@@ -15,9 +15,12 @@ a directory. ``keep_last`` prunes older complete checkpoints after the tracker m
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +38,8 @@ from megatron_endprompt.checkpoint.layout import (
     publish_iteration,
     read_tracker,
     stored_iteration_dir,
+    verify_checksum,
+    write_checksum,
 )
 from megatron_endprompt.checkpoint.weights import load_megatron_state_dict
 
@@ -45,6 +50,54 @@ MUST_MATCH = (
     "kv_channels", "normalization", "norm_epsilon", "swiglu", "add_bias_linear",
     "untie_embeddings_and_output_weights", "rotary_base", "rotary_percent", "rotary_interleaved",
 )  # fmt: skip
+
+
+def _numpy_reconstruct() -> Any:
+    try:  # numpy >= 2 (numpy.core is a deprecated alias there)
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+# Everything besides tensors, containers and numbers that a shard may hold; any other global
+# makes the load fail instead of executing it (``torch.load(weights_only=True)``).
+CHECKPOINT_ALLOWLIST = (
+    # np.random.get_state(): ('MT19937', uint32 ndarray, int, int, float); the array pickles
+    # through numpy's reconstructor, its dtype and dtype class.
+    _numpy_reconstruct(),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    # Megatron-LM's legacy checkpoints store the run's ``args`` namespace.
+    argparse.Namespace,
+)
+_UNSUPPORTED_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def safe_load(path: str, where: str, mmap: bool = False) -> Any:
+    """``torch.load`` a checkpoint file without executing code: tensors plus the allowlist.
+
+    ``mmap``: leave the tensors on disk until read (readers of whole checkpoints).
+
+    Note that importing megatron.core registers its own safe globals (its enums, configs)
+    process-wide; those load too.
+
+    Raises:
+        ValueError: ``WHERE: PATH holds an object outside the checkpoint allowlist: NAME`` or
+            ``WHERE: cannot read checkpoint shard PATH: ...`` (a damaged file).
+    """
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_ALLOWLIST)):
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _UNSUPPORTED_RE.search(str(err))
+        name = found.group(1) if found else str(err).splitlines()[0]
+        raise ValueError(
+            f"{where}: {path} holds an object outside the checkpoint allowlist: {name}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:  # truncated / not a torch zip file
+        raise ValueError(f"{where}: cannot read checkpoint shard {path}: {err}") from err
 
 
 def _barrier() -> None:
@@ -113,6 +166,7 @@ def save_checkpoint(
         path = os.path.join(shard_dir, SHARD_FILE)
         torch.save({**state, "iteration": iteration}, path + ".part")
         os.replace(path + ".part", path)
+        write_checksum(path)  # inside iter_N.tmp: published together with the shard
     _barrier()
     if _is_rank0():
         publish_iteration(save_dir, iteration, tmp, keep_last)
@@ -142,8 +196,8 @@ def load_checkpoint(
     path = checkpoint_path(load_dir, rank, iteration)
     if path is None:
         return None
-    # The state holds numpy / python RNG states, so a weights-only load cannot read it.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    verify_checksum(path)
+    return safe_load(path, f"--load={load_dir}")
 
 
 def recorded_model_config(

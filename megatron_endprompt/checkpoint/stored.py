@@ -36,6 +36,8 @@ from megatron_endprompt.checkpoint import (
     stored_iteration_dir,
 )
 from megatron_endprompt.checkpoint.dist_reader import DistCheckpointReader, is_dist_checkpoint
+from megatron_endprompt.checkpoint.layout import verify_checksum
+from megatron_endprompt.checkpoint.shards import safe_load
 from megatron_endprompt.checkpoint.weights import (
     check_shapes,
     megatron_shard_shapes,
@@ -154,10 +156,10 @@ class ShardedTorchCheckpoint(StoredCheckpoint):
         return files
 
     def _load_shard(self, path: str) -> dict[str, Any]:
-        try:  # mmap: tensors stay on disk until read; training shards also hold optimizer states
-            shard = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"{self.where}: cannot read checkpoint shard {path}: {err}") from err
+        # Checksum first (when the save wrote one), then a load that never executes code; mmap:
+        # tensors stay on disk until read (training shards also hold optimizer states).
+        verify_checksum(path)
+        shard = safe_load(path, self.where, mmap=True)
         if not isinstance(shard, Mapping) or not isinstance(shard.get("model"), Mapping):
             raise ValueError(f"{self.where}: {path} holds no 'model' state dict")
         return shard

@@ -2,8 +2,8 @@
 
 :class:`RunConfig` joins the sections (model, parallel layout, data, EndPrompt layout, schedule,
 checkpoints, logging) and checks, in ``__post_init__``, every rule that needs more than one of them
-(parallel layout vs model shape, batch arithmetic, sequence vs target length, the device's limits,
-FP8 shapes), naming the flags, before any compute.
+(parallel layout vs model shape, batch arithmetic, warmup vs decay length, sequence vs target
+length, the device's limits, FP8 shapes), naming the flags, before any compute.
 """
 
 from __future__ import annotations
@@ -106,6 +106,31 @@ def _validate_batch(run: RunConfig) -> None:
         )
 
 
+def _validate_schedule(run: RunConfig) -> None:
+    # megatron-core's OptimizerParamScheduler asserts lr_warmup_steps < lr_decay_steps; refuse it
+    # here, naming both flags, instead of an assertion (or a silently clamped schedule) later.
+    t = run.training
+    warmup = t.lr_warmup_iters
+    if t.lr_decay_iters is not None:
+        if warmup >= t.lr_decay_iters:
+            _fail(
+                f"--lr-warmup-iters={warmup} must be less than --lr-decay-iters="
+                f"{t.lr_decay_iters} (megatron-core asserts warmup < decay)"
+            )
+        return
+    if warmup >= run.train_iters:
+        length = (
+            f"--train-iters={t.train_iters}"
+            if t.train_iters is not None
+            else f"--train-samples={t.train_samples} / --global-batch-size="
+            f"{t.global_batch_size} = {run.train_iters} iterations"
+        )
+        _fail(
+            f"--lr-warmup-iters={warmup} must be less than the decay length, {length} when "
+            "--lr-decay-iters is not given (megatron-core asserts warmup < decay)"
+        )
+
+
 def _validate_lengths(run: RunConfig) -> None:
     S, L, m = run.model.seq_length, run.target_length, run.model
     if L > m.max_position_embeddings:
@@ -136,6 +161,7 @@ def _validate_backend(run: RunConfig) -> None:
         "--bf16": t.bf16,
         "--fp8-format": t.fp8_format is not None,
         "--recompute-granularity": t.recompute_granularity is not None,
+        "--params-dtype float16 (fp16 needs loss scaling)": run.model.params_dtype == "float16",
     }
     bad = [flag for flag, on in unsupported.items() if on]
     if bad:
@@ -152,6 +178,7 @@ def validate_run_config(run: RunConfig) -> None:
     """
     run.model.validate_against(run.parallel)
     _validate_batch(run)
+    _validate_schedule(run)
     _validate_lengths(run)
     _validate_backend(run)
     if not run.data.data_path:

@@ -11,8 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_endprompt.config.model import _require
+from megatron_endprompt.positions import (
+    PLACEMENTS,
+    POSE_CHUNK_SAMPLERS,
+    POSITION_MODES,
+    TERMINAL_SOURCES,
+    TERMINALS,
+)
 
-POSITION_MODES = ("contiguous", "endprompt", "pose", "endprompt_pose")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 
 
@@ -91,13 +97,13 @@ class EndPromptConfig:
             f"must be one of {', '.join(POSITION_MODES)}",
         )
         _require(
-            self.terminal in ("cue", "tail"),
+            self.terminal in TERMINALS,
             "--endprompt-terminal",
             self.terminal,
             "must be cue or tail",
         )
         _require(
-            self.placement in ("fixed", "random"),
+            self.placement in PLACEMENTS,
             "--endprompt-placement",
             self.placement,
             "must be fixed or random",
@@ -122,10 +128,10 @@ class EndPromptConfig:
         is_pose = self.position_mode in ("pose", "endprompt_pose")
         source, sampler = self.terminal_source, self.pose_chunk_sampler
         _require(
-            source in ("contiguous", "document_end"),
+            source in TERMINAL_SOURCES,
             "--endprompt-terminal-source",
             source,
-            "must be contiguous or document_end",
+            f"must be one of {', '.join(TERMINAL_SOURCES)}",
         )
         _require(
             source == "contiguous"
@@ -135,7 +141,7 @@ class EndPromptConfig:
             "needs --endprompt-terminal tail and --position-mode endprompt or endprompt_pose",
         )
         _require(
-            sampler in ("paper", "reference"),
+            sampler in POSE_CHUNK_SAMPLERS,
             "--pose-chunk-sampler",
             sampler,
             "must be paper or reference",
@@ -238,10 +244,30 @@ class TrainingConfig:
             f"--train-samples (got --train-samples={self.train_samples})",
         )
         for flag, value in (
+            ("--global-batch-size", self.global_batch_size),
             ("--train-iters", self.train_iters),
             ("--train-samples", self.train_samples),
         ):
             _require(value is None or value >= 1, flag, value, "must be >= 1")
+        self._check_schedule()
+        self._check_numerics()
+        _require(
+            self.eval_interval >= 0 and self.eval_iters >= 0,
+            "--eval-interval",
+            self.eval_interval,
+            "--eval-interval and --eval-iters must be >= 0",
+        )
+        if self.exit_interval is not None:
+            _require(self.exit_interval >= 1, "--exit-interval", self.exit_interval, "must be >= 1")
+
+    def _check_schedule(self) -> None:
+        """Learning rate, its schedule and the optimizer's constants."""
+        _require(
+            self.lr_decay_iters is None or self.lr_decay_iters >= 1,
+            "--lr-decay-iters",
+            self.lr_decay_iters,
+            "must be >= 1 (megatron-core's OptimizerParamScheduler asserts lr_decay_steps > 0)",
+        )
         _require(self.lr > 0, "--lr", self.lr, "must be > 0")
         _require(0 <= self.min_lr <= self.lr, "--min-lr", self.min_lr, "must be in [0, --lr]")
         _require(
@@ -256,6 +282,9 @@ class TrainingConfig:
         _require(self.clip_grad >= 0, "--clip-grad", self.clip_grad, "must be >= 0")
         _require(0 <= self.adam_beta1 < 1, "--adam-beta1", self.adam_beta1, "must be in [0, 1)")
         _require(0 <= self.adam_beta2 < 1, "--adam-beta2", self.adam_beta2, "must be in [0, 1)")
+
+    def _check_numerics(self) -> None:
+        """FP8 format and recipe, activation recomputation."""
         _require(
             self.fp8_format in (None, "e4m3", "hybrid"),
             "--fp8-format",
@@ -280,14 +309,6 @@ class TrainingConfig:
             self.recompute_method,
             "must be uniform or block",
         )
-        _require(
-            self.eval_interval >= 0 and self.eval_iters >= 0,
-            "--eval-interval",
-            self.eval_interval,
-            "--eval-interval and --eval-iters must be >= 0",
-        )
-        if self.exit_interval is not None:
-            _require(self.exit_interval >= 1, "--exit-interval", self.exit_interval, "must be >= 1")
 
 
 @dataclass
@@ -308,6 +329,9 @@ class CheckpointConfig:
     """Do not load RNG states."""
     finetune: bool = False
     """Load weights only; reset iteration, consumed samples, optimizer and scheduler."""
+    exit_on_missing_checkpoint: bool = False
+    """Fail when --load holds no checkpoint instead of training from scratch (Megatron-LM's
+    flag; --finetune always fails then)."""
     exit_signal_handler: bool = True
     """On SIGTERM: save a checkpoint and exit 0."""
     dist_ckpt_optim_fully_reshardable: bool = False

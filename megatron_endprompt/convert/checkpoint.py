@@ -46,6 +46,7 @@ from megatron_endprompt.checkpoint import (
     TRACKER,
     iteration_dir,
 )
+from megatron_endprompt.checkpoint.layout import write_checksum
 from megatron_endprompt.checkpoint.stored import StoredCheckpoint, open_checkpoint
 from megatron_endprompt.checkpoint.weights import (
     check_shapes,
@@ -220,7 +221,9 @@ def convert_hf_to_megatron(
                 os.makedirs(os.path.join(iteration_dir(tmp, 0), name))
                 state = {"model": sd, "iteration": 0, "consumed_samples": 0, "format": FORMAT,
                          "model_config": config}  # fmt: skip
-                torch.save(state, os.path.join(iteration_dir(tmp, 0), name, SHARD_FILE))
+                shard_path = os.path.join(iteration_dir(tmp, 0), name, SHARD_FILE)
+                torch.save(state, shard_path)
+                write_checksum(shard_path)
                 del sd, state
         write_json(os.path.join(tmp, MODEL_CONFIG_JSON), config)
         with open(os.path.join(tmp, TRACKER), "w", encoding="utf-8") as f:

@@ -1,20 +1,81 @@
 """Build EndPromptDataset splits with megatron-core's BlendedMegatronDatasetBuilder.
 
 Blends (``--data-path 0.3 A 0.7 B``), the train/valid/test ``--split`` and the index cache
-(``path_to_cache``) are megatron-core's own machinery; this module only wires it up and adds a
-rank predicate suited to tensor/pipeline parallelism.
+(``path_to_cache``) are megatron-core's own machinery; this module wires it up, adds a rank
+predicate suited to tensor/pipeline parallelism and builds :class:`CheckedEndPromptDataset`: each
+``.bin/.idx`` pair is validated (layout, token ids vs the vocabulary) before megatron reads it, and
+the pair's fingerprint (``.idx`` MD5, ``.bin`` size) joins the index cache key, so a
+re-preprocessed corpus gets new indices.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.object_storage_utils import is_object_storage_path
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_endprompt.data.corpus_checks import (
+    check_indexed_pair,
+    check_token_ids,
+    index_fingerprint,
+)
 from megatron_endprompt.data.dataset import EndPromptDataset, EndPromptDatasetConfig
+
+
+class CheckedEndPromptDataset(EndPromptDataset):
+    """EndPromptDataset whose data files are checked and whose index cache knows the files.
+
+    megatron-core keys its sample/shuffle index cache on the config and the path prefix only;
+    re-preprocessing into the same prefix would reuse indices of the old corpus (other samples,
+    or an IndexError when it shrank). Here the ``.idx`` content hash and the ``.bin`` size (what
+    the indices are computed from) join the key.
+    """
+
+    @staticmethod
+    def build_low_level_dataset(
+        dataset_path: str, config: EndPromptDatasetConfig
+    ) -> IndexedDataset:
+        """Check the pair's layout and token ids, then EndPromptDataset's low-level dataset."""
+        if is_object_storage_path(dataset_path) or not _pair_exists(dataset_path):
+            return EndPromptDataset.build_low_level_dataset(dataset_path, config)
+        dtype = check_indexed_pair(dataset_path)
+        vocab_size = getattr(config.tokenizer, "vocab_size", None)
+        if vocab_size is not None:
+            check_token_ids(dataset_path, dtype, int(vocab_size), _stats_dir(dataset_path, config))
+        return EndPromptDataset.build_low_level_dataset(dataset_path, config)
+
+    def _build_document_sample_shuffle_indices(self):
+        """megatron's indices, under a cache key that includes the data files' identity."""
+        path = self.dataset_path
+        if path is not None and not is_object_storage_path(path) and _pair_exists(path):
+            self.unique_identifiers["data_files"] = index_fingerprint(
+                path, _stats_dir(path, self.config)
+            )
+            # As MegatronDataset.__init__ builds them, now with the identity in.
+            self.unique_description = json.dumps(
+                self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
+            )
+            self.unique_description_hash = hashlib.md5(
+                self.unique_description.encode("utf-8"), usedforsecurity=False
+            ).hexdigest()
+        return super()._build_document_sample_shuffle_indices()
+
+
+def _stats_dir(prefix: str, config: EndPromptDatasetConfig) -> str:
+    """The index cache directory, or megatron's default beside the data."""
+    return config.path_to_cache or os.path.join(prefix, "cache")
+
+
+def _pair_exists(prefix: str) -> bool:
+    return os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
 
 
 def parse_blend(data_path: Sequence[str]) -> tuple[list[str], list[float] | None]:
@@ -94,7 +155,7 @@ def build_datasets(
             raise ValueError(f"train_valid_test_num_samples entries must be ints >= 0: {sizes}")
     sizes = _sizes_for_megatron(config, sizes)
     predicate = is_built_on_rank if is_built_on_rank is not None else (lambda: True)
-    builder = BlendedMegatronDatasetBuilder(EndPromptDataset, sizes, predicate, config)
+    builder = BlendedMegatronDatasetBuilder(CheckedEndPromptDataset, sizes, predicate, config)
     with _single_process_is_rank_zero():
         train, valid, test = builder.build()
     return train, valid, test

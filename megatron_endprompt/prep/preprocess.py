@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from megatron_endprompt.data.tokenizers import build_tokenizer
 from megatron_endprompt.prep.files import expand_inputs
-from megatron_endprompt.prep.indexed_output import StagedIndexedDataset
+from megatron_endprompt.prep.indexed_output import StagedIndexedDataset, publish_all
 
 SKIP_REASONS = (
     "malformed_json",
@@ -122,6 +122,10 @@ def _encode_line(raw: bytes) -> tuple[str, str] | list[np.ndarray]:
         return "invalid_utf8", str(err)
     except json.JSONDecodeError as err:
         return "malformed_json", err.msg
+    except RecursionError:  # arrays/objects nested deeper than the interpreter's stack
+        return "malformed_json", "nested too deeply"
+    except ValueError as err:  # e.g. an integer over Python's int string conversion limit
+        return "malformed_json", str(err).split(";")[0]
     if not isinstance(record, dict):
         return "malformed_json", f"expected a JSON object, got {type(record).__name__}"
     docs = []
@@ -205,8 +209,7 @@ class _Outputs:
             staged.add_document(ids)
 
     def publish(self) -> None:
-        for staged in self.staged:
-            staged.publish()
+        publish_all(self.staged)  # every key's pair is complete before any is renamed
 
     def abort(self) -> None:
         for staged in self.staged:

@@ -93,7 +93,11 @@ class LocalBackend(_BackendState):
             objs.scheduler.load_state_dict(shard["scheduler"])
         if not c.no_load_rng and "rng" in shard:
             ckpt.set_rng_state(shard["rng"])
-        state = TrainState(shard.get("iteration", 0), shard.get("consumed_samples", 0))
+        state = TrainState(
+            shard.get("iteration", 0),
+            shard.get("consumed_samples", 0),
+            shard.get("valid_consumed_samples", 0),
+        )
         if rt.is_logging_rank:
             print(f"resumed from {c.load} at iteration {state.iteration}", flush=True)
         return state

@@ -66,11 +66,15 @@ def make_data_iterator(
     sampler = PretrainingSampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
     )
+    # iter(DataLoader) draws its workers' base seed from ``generator``; by default that is the
+    # global torch RNG that dropout uses, so building an iterator (at start, after a resume, or
+    # when validation wraps around) would shift the training RNG stream.
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)
 
@@ -80,15 +84,29 @@ def cycle_iterator(
     micro_batch_size: int,
     data_parallel_rank: int,
     data_parallel_size: int,
+    consumed_samples: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]] | None:
-    """Validation batches: the same sequential order, restarting at the end of the split."""
+    """Validation batches: the same sequential order, restarting at the end of the split.
+
+    ``consumed_samples``: validation samples already read (all DP ranks together), so a resumed
+    run continues where the checkpointed one stopped.
+    """
     if dataset is None:
         return None
+    step = micro_batch_size * data_parallel_size
+    per_cycle = len(dataset) // step * step
+    if per_cycle == 0:
+        raise ValueError(
+            f"the validation split has {len(dataset)} samples, fewer than one micro-batch "
+            f"on every data-parallel rank ({step})"
+        )
 
     def gen():
+        start = consumed_samples % per_cycle
         while True:
             yield from make_data_iterator(
-                dataset, 0, micro_batch_size, data_parallel_rank, data_parallel_size
+                dataset, start, micro_batch_size, data_parallel_rank, data_parallel_size
             )
+            start = 0
 
     return gen()

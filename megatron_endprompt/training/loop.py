@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.checkpoint.layout import check_load_dir
 from megatron_endprompt.config import RunConfig
 from megatron_endprompt.training.backend import Backend, make_backend
 from megatron_endprompt.training.data import cycle_iterator, make_data_iterator
@@ -143,6 +145,28 @@ class _Loop:
     interrupted: bool = False
 
 
+def _has_checkpoint(run: RunConfig, rt: Runtime) -> bool:
+    """Whether --load holds a checkpoint, decided before anything is built (see check_load_dir)."""
+    c = run.checkpoint
+    if not c.load:
+        return False
+    found = check_load_dir(c.load, c.finetune, c.exit_on_missing_checkpoint)
+    if not found and rt.is_logging_rank:
+        print(f"--load={c.load}: no checkpoint found, starting from scratch", flush=True)
+    return found
+
+
+def _data_iterators(run: RunConfig, rt: Runtime, objs, state: TrainState):
+    """(train, valid) iterators, each resuming at the position ``state`` records."""
+    train_ds, valid_ds = build_datasets_for_run(run, rt, objs.tokenizer)
+    mbs, workers = run.training.micro_batch_size, run.data.num_workers
+    train_iter = make_data_iterator(
+        train_ds, state.consumed_samples, mbs, rt.dp_rank, rt.dp_size, workers
+    )
+    valid_iter = cycle_iterator(valid_ds, mbs, rt.dp_rank, rt.dp_size, state.valid_consumed_samples)
+    return train_iter, valid_iter
+
+
 def _start(run: RunConfig) -> _Loop:
     """Process groups, seeds, backend objects, resume, data iterators, logger, signal handler."""
     p, t = run.parallel, run.training
@@ -153,17 +177,16 @@ def _start(run: RunConfig) -> _Loop:
         p.virtual_pipeline_model_parallel_size,
         p.context_parallel_size,
     )
+    resume = _has_checkpoint(run, rt)
     seed_everything(t.seed)
     shape = StepShape(t.micro_batch_size, run.model.seq_length, run.num_microbatches)
     backend = make_backend(run, rt, shape)
     objs = backend.build()
-    state = backend.load(objs) if run.checkpoint.load else TrainState()
-    train_ds, valid_ds = build_datasets_for_run(run, rt, objs.tokenizer)
-    mbs, workers = t.micro_batch_size, run.data.num_workers
-    train_iter = make_data_iterator(
-        train_ds, state.consumed_samples, mbs, rt.dp_rank, rt.dp_size, workers
-    )
-    valid_iter = cycle_iterator(valid_ds, mbs, rt.dp_rank, rt.dp_size)
+    state = backend.load(objs) if resume else TrainState()
+    # The loaded (or seeded) RNG states, applied again once the data pipeline is built: nothing
+    # built in between may shift the stream that dropout draws from.
+    rng = ckpt.get_rng_state()
+    train_iter, valid_iter = _data_iterators(run, rt, objs, state)
     plot_dir = run.logging.tensorboard_dir or run.checkpoint.save
     logger = MetricsLogger(
         run.logging.tensorboard_dir,
@@ -174,11 +197,16 @@ def _start(run: RunConfig) -> _Loop:
     )
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
     meter = _Meter(t.global_batch_size * run.model.seq_length)
+    ckpt.set_rng_state(rng)
     return _Loop(run, rt, backend, objs, state, train_iter, valid_iter, logger, meter, handler)
 
 
 def _evaluate(lp: _Loop) -> None:
     lp.valid_loss = lp.backend.evaluate(lp.objs, lp.valid_iter)
+    # Every rank counts (not only the data readers): the position is saved with the checkpoint.
+    lp.state.valid_consumed_samples += (
+        lp.run.training.eval_iters * lp.run.training.global_batch_size
+    )
     lp.logger.log_eval(lp.state.iteration, lp.valid_loss)
 
 

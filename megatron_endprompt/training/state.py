@@ -30,6 +30,8 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
+    valid_consumed_samples: int = 0
+    """Validation samples read so far (all DP ranks): where the validation iterator resumes."""
 
 
 @dataclass
@@ -77,6 +79,7 @@ def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> d
         "scheduler": objs.scheduler.state_dict(),
         "rng": ckpt.get_rng_state(),
         "consumed_samples": state.consumed_samples,
+        "valid_consumed_samples": state.valid_consumed_samples,
         "run_config": run.to_dict(),
         "format": "megatron_endprompt/v1",
     }

@@ -307,3 +307,84 @@ def test_fp8_shapes_checked_by_the_parser():
     ):
         with pytest.raises(ValueError, match=match):
             parse(*FP8_CUDA, *flags, world_size=2, cuda=True)
+
+
+# Issue 13: the parser refuses what it used to guess (abbreviations, repeats, non-finite floats).
+def test_abbreviated_flag_is_refused():
+    for flags in (["--lr-warm", "5"], ["--lr-warm=5"]):
+        with pytest.raises(ValueError, match="unrecognized arguments: --lr-warm"):
+            parse(*flags)
+    assert parse("--lr-warmup-iters=5").training.lr_warmup_iters == 5  # full name with '='
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--lr", "1e-3", "--lr", "5"], "--lr"),
+        (["--lr=1e-3", "--lr", "5"], "--lr"),
+        (["--data-path", "y"], "--data-path"),  # BASE gives it once already
+        (["--endprompt-cues", "a", "b", "--endprompt-cues=c"], "--endprompt-cues"),
+        (["--sequence-parallel", "--sequence-parallel"], "--sequence-parallel"),
+    ],
+)
+def test_repeated_flag_is_refused(flags, name):
+    with pytest.raises(ValueError, match=f"^{name} is given more than once"):
+        parse(*flags)
+
+
+def test_multi_value_flags_are_not_repeats():
+    run = parse_run_config(
+        ["--tokenizer-type", "ByteTokenizer", "--train-iters", "10"]
+        + ["--data-path", "0.3", "a", "0.7", "b", "--endprompt-cues", "x", "y"]
+    )
+    assert run.data.data_path == ["0.3", "a", "0.7", "b"] and run.endprompt.cues == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--lr", "--rope-scaling-factor", "--rotary-base", "--norm-epsilon", "--init-method-std"],
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e999"])
+def test_non_finite_float_is_refused(flag, value):
+    match = f"argument {flag}: must be a finite number, got '{value}'"
+    with pytest.raises(ValueError, match=match):
+        parse(flag, value)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--global-batch-size", "0"], r"--global-batch-size=0: must be >= 1"),
+        (["--lr-decay-iters", "0"], r"--lr-decay-iters=0: must be >= 1"),
+        (["--lr-decay-iters", "-2"], r"--lr-decay-iters=-2: must be >= 1"),
+        (
+            ["--lr-warmup-iters", "4", "--lr-decay-iters", "4"],
+            r"--lr-warmup-iters=4 must be less than --lr-decay-iters=4",
+        ),
+        (
+            ["--lr-warmup-iters", "12"],
+            r"--lr-warmup-iters=12 must be less than the decay length, --train-iters=10 when "
+            r"--lr-decay-iters is not given",
+        ),
+        (["--params-dtype", "float16"], r"--device cpu does not support --params-dtype float16"),
+    ],
+)
+def test_schedule_and_dtype_sanity(flags, match):
+    with pytest.raises(ValueError, match=match):
+        parse(*flags)
+
+
+def test_warmup_against_train_samples_and_good_schedules():
+    base = ["--tokenizer-type", "ByteTokenizer", "--data-path", "x", "--global-batch-size", "8"]
+    with pytest.raises(ValueError, match=r"--train-samples=20 / --global-batch-size=8 = 3 iter"):
+        parse_run_config([*base, "--train-samples", "20", "--lr-warmup-iters", "3"])
+    assert parse("--lr-warmup-iters", "9").training.lr_warmup_iters == 9  # < train iters 10
+    assert parse("--lr-warmup-iters", "11", "--lr-decay-iters", "20").training.lr_decay_iters == 20
+    assert parse("--params-dtype", "float16", "--device", "cuda", cuda=True).device == "cuda"
+
+
+def test_usage_errors_raise_instead_of_exiting():
+    with pytest.raises(ValueError, match="argument --device: invalid choice: 'tpu'"):
+        parse_run_config(["--device", "tpu"])
+    with pytest.raises(ValueError, match="argument --lr: expected a number, got 'abc'"):
+        parse("--lr", "abc")

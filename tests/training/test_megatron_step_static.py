@@ -22,6 +22,7 @@ from megatron_endprompt.checkpoint import dist as dist_checkpoint
 from megatron_endprompt.training import megatron_step
 from megatron_endprompt.training.loss import microbatch_objective
 from megatron_endprompt.training.runtime import Runtime
+from megatron_endprompt.training.state import TrainState
 from megatron_endprompt.training.step import StepShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
@@ -462,7 +463,7 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
         parallel=types.SimpleNamespace(use_distributed_optimizer=False),
         to_dict=lambda: {"model": {}},
     )
-    state = types.SimpleNamespace(iteration=5, consumed_samples=40)
+    state = types.SimpleNamespace(iteration=5, consumed_samples=40, valid_consumed_samples=8)
     rt = _runtime()
     sd = dist_checkpoint.sharded_state(run, rt, objs, state)
     # Megatron-LM's content metadata, plus the live DP x CP group TE layers ask for.
@@ -476,6 +477,7 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
     assert seen["model_sd"] is sd["model"] and seen["is_loading"] is False
     assert isinstance(sd["rng_state"], ShardedObject) and sd["rng_state"].replica_id == 0
     assert sd["rng_layout"] == [1, 1] and sd["iteration"] == 5
+    assert sd["valid_consumed_samples"] == 8  # the validation iterator's position
     # What dist_checkpointing.load returns has the same keys: it loads into the bare module.
     plain = {k: v.data for k, v in sd["model"].items() if isinstance(v.data, torch.Tensor)}
     missing, unexpected = module.load_state_dict(plain, strict=False)
@@ -597,15 +599,13 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
     )
     src = objs(1)
     rt = _runtime()
-    path = dist_checkpoint.save(
-        run, rt, src, types.SimpleNamespace(iteration=3, consumed_samples=12)
-    )
+    path = dist_checkpoint.save(run, rt, src, TrainState(3, 12, 8))
     assert path == ckpt.iteration_dir(save_dir, 3) and ckpt.read_tracker(save_dir) == 3
 
     dst = objs(2)
-    state = types.SimpleNamespace(iteration=0, consumed_samples=0)
+    state = TrainState()
     assert dist_checkpoint.load(run, rt, dst, state)
-    assert (state.iteration, state.consumed_samples) == (3, 12)
+    assert (state.iteration, state.consumed_samples, state.valid_consumed_samples) == (3, 12, 8)
     assert dst.scheduler.loaded == {"num_steps": 3} and dst.optimizer.reloaded == 0
     for a, b in zip(src.module[0].state_dict().values(), dst.module[0].state_dict().values()):
         if isinstance(a, torch.Tensor):
@@ -614,7 +614,7 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
     # Weights only (--finetune): the optimizer's main params are refreshed from the model.
     run.checkpoint.finetune = True
     dst = objs(3)
-    state = types.SimpleNamespace(iteration=0, consumed_samples=0)
+    state = TrainState()
     assert dist_checkpoint.load(run, rt, dst, state)
     assert dst.optimizer.reloaded == 1 and state.iteration == 0 and dst.scheduler.loaded is None
 
@@ -632,7 +632,7 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
     (tmp_path / "ckpt" / ckpt.TRACKER).write_text("release\n")
     run.checkpoint.finetune = True
     dst = objs(4)
-    fresh = types.SimpleNamespace(iteration=0, consumed_samples=0)
+    fresh = TrainState()
     assert dist_checkpoint.load(run, rt, dst, fresh)
     for a, b in zip(src.module[0].state_dict().values(), dst.module[0].state_dict().values()):
         if isinstance(a, torch.Tensor):

@@ -75,11 +75,25 @@ def test_finetune_loads_weights_only(corpus, tmp_path):
     base = run(train_flags(data, cache, "--train-iters", "4", "--save", save))
     tuned = run(
         train_flags(
-            data, cache, "--train-iters", "2", "--load", save, "--finetune", "--lr-decay-iters", "2"
-        )
+            data,
+            cache,
+            "--train-iters",
+            "2",
+            "--load",
+            save,
+            "--finetune",
+            "--lr-decay-iters",
+            "2",
+            "--lr-warmup-iters",
+            "1",
+        )  # fmt: skip
     )
     assert tuned.iterations == 2  # iteration counter reset
-    fresh = run(train_flags(data, cache, "--train-iters", "2", "--lr-decay-iters", "2"))
+    fresh = run(
+        train_flags(
+            data, cache, "--train-iters", "2", "--lr-decay-iters", "2", "--lr-warmup-iters", "1"
+        )
+    )
     assert tuned.losses[0] < fresh.losses[0]  # it starts from the trained weights
     assert base.checkpoint.endswith("iter_0000004")
 

@@ -97,8 +97,9 @@ def cycle_iterator(
     per_cycle = len(dataset) // step * step
     if per_cycle == 0:
         raise ValueError(
-            f"the validation split has {len(dataset)} samples, fewer than one micro-batch "
-            f"on every data-parallel rank ({step})"
+            f"--eval-iters: the validation split has {len(dataset)} samples, fewer than one "
+            f"micro-batch on every data-parallel rank (--micro-batch-size x DP = {step}); give "
+            "validation a larger share of --split"
         )
 
     def gen():

@@ -163,7 +163,16 @@ def _data_iterators(run: RunConfig, rt: Runtime, objs, state: TrainState):
     train_iter = make_data_iterator(
         train_ds, state.consumed_samples, mbs, rt.dp_rank, rt.dp_size, workers
     )
-    valid_iter = cycle_iterator(valid_ds, mbs, rt.dp_rank, rt.dp_size, state.valid_consumed_samples)
+    valid_iter = None
+    if run.training.eval_iters:  # no validation asked for: its split is never read
+        if rt.is_data_reader and valid_ds is None:
+            raise ValueError(
+                f"--eval-iters={run.training.eval_iters}: --split={run.data.split} leaves no "
+                "validation data (give its second part a weight, or --eval-iters 0)"
+            )
+        valid_iter = cycle_iterator(
+            valid_ds, mbs, rt.dp_rank, rt.dp_size, state.valid_consumed_samples
+        )
     return train_iter, valid_iter
 
 

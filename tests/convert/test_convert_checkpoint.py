@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from megatron_endprompt.checkpoint.layout import write_checksum
 from megatron_endprompt.checkpoint.weights import (
     load_megatron_state_dict,
     megatron_shard_shapes,
@@ -169,6 +170,7 @@ def test_training_run_config_gives_target_length(hf_dirs, tmp_path):
     model = dict(shard.pop("model_config"), rope_scaling={"rope_type": "linear", "factor": 8.0})
     shard["run_config"] = {"model": model, "endprompt": {"target_length": 8192}}
     torch.save(shard, path)
+    write_checksum(path)  # edited by hand: a new checksum, or the load refuses the shard
     os.remove(os.path.join(mg, "model_config.json"))
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()

@@ -87,3 +87,34 @@ def test_rng_state_roundtrip():
     ckpt.set_rng_state(state)
     b = (np.random.rand(), torch.rand(1).item())
     assert a == b
+
+
+def test_killed_while_resaving_an_iteration_leaves_it_loadable(tmp_path, monkeypatch):
+    """Re-saving the iteration the tracker names: the old copy is moved aside, never deleted
+    first; a crash between the two renames still loads (from ``iter_N.old``)."""
+    from megatron_endprompt.checkpoint import layout
+
+    save = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(save, 7, _state(1), ShardRank())
+    real_replace, calls = os.replace, []
+
+    def crash_on_publish(src, dst):
+        calls.append((src, dst))
+        if str(src).endswith("iter_0000007.tmp"):  # iter_7 moved aside; tmp -> iter_7: killed
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(layout.os, "replace", crash_on_publish)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(save, 7, _state(2), ShardRank())
+    monkeypatch.undo()
+    moved = [dst for _, dst in calls if str(dst).endswith("iter_0000007.old")]
+    assert moved and os.path.isdir(moved[0])  # the old copy was moved aside, not removed
+    assert ckpt.read_tracker(save) == 7
+    loaded = ckpt.load_checkpoint(save, ShardRank())
+    torch.testing.assert_close(loaded["model"]["w"], _state(1)["model"]["w"], rtol=0, atol=0)
+    # The next complete save of iteration 7 publishes the new copy and drops the old one.
+    ckpt.save_checkpoint(save, 7, _state(3), ShardRank())
+    assert not os.path.exists(os.path.join(save, "iter_0000007.old"))
+    loaded = ckpt.load_checkpoint(save, ShardRank())
+    torch.testing.assert_close(loaded["model"]["w"], _state(3)["model"]["w"], rtol=0, atol=0)

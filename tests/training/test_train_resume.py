@@ -123,3 +123,13 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     assert '"interrupted": true' in out
     saved = ckpt.read_tracker(save)
     assert saved is not None and 2 <= saved < 500
+
+
+def test_validation_without_a_validation_split_is_a_clear_error(corpus):
+    data, cache = corpus
+    no_valid = ["--train-iters", "2", "--split", "100,0,0"]
+    flags = train_flags(data, cache, *no_valid, "--eval-iters", "1")
+    with pytest.raises(ValueError, match="--split=100,0,0 leaves no validation data"):
+        run(flags)
+    # Without --eval-iters the (empty) validation split is never read.
+    assert run(train_flags(data, cache, *no_valid)).iterations == 2

@@ -9,7 +9,7 @@ cache, so a greedy answer costs one long forward pass of the prompt and one shor
   and values to its buffers and attends to all cached positions (no mask for a single query
   token; our SDPA core attention also aligns a causal mask bottom-right). GPTModel's inference
   forward cannot be used as is: it insists on megatron's vocab gather (which allocates on CUDA)
-  and allocates the cache with ``torch.cuda.current_device()``. So the buffers are allocated
+  and allocates the cache on the current CUDA device unconditionally. So the buffers are allocated
   here, on the model's device, and the model's own pieces run in order: ``_preprocess``
   (embedding + our position-driven rotary tensor), the decoder, the output layer, a TP gather.
   megatron keeps keys un-rotated and rotates the whole cache each step with the rotary rows of

@@ -30,6 +30,8 @@ from megatron_endprompt.eval.scoring import (
 )
 from megatron_endprompt.model.gpt import build_model
 
+pytestmark = pytest.mark.usefixtures("single_process_parallel_state")
+
 CONFIG = tiny_config()
 PROMPT = torch.randint(0, VOCAB, (20,), generator=torch.Generator().manual_seed(4)).tolist()
 POSITIONS = list(range(12)) + list(range(200, 208))  # context, then a terminal near L = 256

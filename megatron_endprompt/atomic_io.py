@@ -2,11 +2,13 @@
 
 Every tool and the training loop write their outputs (reports, plots, corpora, tracker files)
 through these helpers; directory-level publishing (checkpoints, converted models, ``.bin/.idx``
-pairs) renames whole directories or file pairs in the same spirit.
+pairs) renames whole directories or file pairs in the same spirit. :func:`file_digest` is the one
+chunked file hash (checkpoint checksums, the index-cache key of a corpus).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -43,3 +45,12 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -
                 os.fsync(f.fileno())
 
     return atomic_write(path, write)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read 16 MiB at a time (shards and corpora can be GiBs)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

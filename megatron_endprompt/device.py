@@ -12,7 +12,6 @@ device-specific lives here and the model, data and loss code stay device-agnosti
   gives consistent shards of one full model, with no per-rank seed and no CUDA RNG tracker. (The
   full model still depends on the TP size: the vocabulary is padded per TP size, which shifts
   later draws. To compare layouts, load the same weights, as tests/model/test_tp.py does.)
-* ``default_transformer_impl``: ``te`` when CUDA and Transformer Engine are available.
 * ``accelerator``: the torch device and process-group backend of ``--device``; the one place that
   maps ``cuda`` to a device (the CUDA-emulation tests answer CPU/gloo here).
 * ``synchronize``, ``move_to_device``: the few CUDA calls the training path makes itself.
@@ -59,11 +58,6 @@ def peak_allocated_gib(device: torch.device) -> float:
 def transformer_engine_available() -> bool:
     """True when Transformer Engine is importable (without importing it)."""
     return importlib.util.find_spec("transformer_engine") is not None
-
-
-def default_transformer_impl() -> str:
-    """``te`` on CUDA with Transformer Engine installed, else ``local`` (torch SDPA)."""
-    return "te" if cuda_available() and transformer_engine_available() else "local"
 
 
 def default_backend() -> str:

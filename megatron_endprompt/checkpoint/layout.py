@@ -14,20 +14,18 @@ checkpoints, conversions) load unchecked.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 from dataclasses import dataclass
 
-from megatron_endprompt.atomic_io import atomic_write_text
+from megatron_endprompt.atomic_io import atomic_write_text, file_digest
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_JSON = "model_config.json"
 SHARD_FILE = "model_optim_rng.pt"
 CHECKSUM_SUFFIX = ".sha256"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -137,12 +135,8 @@ def stored_iteration_dir(load_dir: str, iteration: int) -> str:
 
 
 def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (shards can be many GiB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes (shards can be many GiB: read in chunks)."""
+    return file_digest(path, "sha256")
 
 
 def write_checksum(path: str) -> str:

@@ -22,7 +22,7 @@ import struct
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, get_bin_path, get_idx_path
 
-from megatron_endprompt.atomic_io import atomic_write_text
+from megatron_endprompt.atomic_io import atomic_write_text, file_digest
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence count 8, document count 8
@@ -106,7 +106,7 @@ def index_fingerprint(prefix: str, cache_dir: str) -> dict[str, object]:
     The MD5 of the ``.idx`` is computed once per file identity and cached. Unlike mtimes it is
     the same for copies of the corpus (per-node local disks), so ranks agree on the cache key.
     """
-    md5 = _cached(prefix, cache_dir, "idx_md5", lambda: _md5(get_idx_path(prefix)))
+    md5 = _cached(prefix, cache_dir, "idx_md5", lambda: file_digest(get_idx_path(prefix), "md5"))
     return {"idx_md5": md5, "bin_size": os.path.getsize(get_bin_path(prefix))}
 
 
@@ -131,14 +131,6 @@ def _cached(prefix: str, cache_dir: str, name: str, compute) -> object:
     except OSError:  # a read-only cache only costs the next build another scan
         pass
     return record[name]
-
-
-def _md5(path: str) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def scan_max_token_id(prefix: str, dtype: np.dtype) -> int:

@@ -43,7 +43,7 @@ class Backend(Protocol):
         """Tokenizer, model chunks (wrapped and bare), optimizer, LR schedule."""
 
     def load(self, objs: TrainingObjects) -> TrainState:
-        """Resume (or --finetune) from --load; a fresh state when there is nothing to load."""
+        """Resume (or --finetune) from --load, which the loop has checked holds a checkpoint."""
 
     def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
         """One iteration: ``loss``, ``grad_norm`` (+ ``skipped``, ``loss_scale`` when known)."""
@@ -84,7 +84,7 @@ class LocalBackend(_BackendState):
         c, rt = self.run.checkpoint, self.rt
         shard = ckpt.load_checkpoint(c.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0))
         if shard is None:
-            return _nothing_to_load(c.load, rt)
+            raise FileNotFoundError(f"--load={c.load}: no checkpoint (its tracker is gone)")
         ckpt.load_model_weights(objs.module[0], shard, c.load, self.run.model)
         if c.finetune:
             return TrainState()
@@ -133,7 +133,8 @@ class MegatronBackend(_BackendState):
     def load(self, objs: TrainingObjects) -> TrainState:
         state = TrainState()
         if not dist_checkpoint.load(self.run, self.rt, objs, state):
-            return _nothing_to_load(self.run.checkpoint.load, self.rt)
+            load = self.run.checkpoint.load
+            raise FileNotFoundError(f"--load={load}: no checkpoint (its tracker is gone)")
         return state
 
     def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
@@ -147,12 +148,6 @@ class MegatronBackend(_BackendState):
 
     def save(self, objs: TrainingObjects, state: TrainState) -> str:
         return dist_checkpoint.save(self.run, self.rt, objs, state)
-
-
-def _nothing_to_load(load_dir: str, rt: Runtime) -> TrainState:
-    if rt.is_logging_rank:
-        print(f"--load={load_dir}: no checkpoint found, starting from scratch", flush=True)
-    return TrainState()
 
 
 def make_backend(run, rt: Runtime, shape: StepShape) -> Backend:

@@ -96,9 +96,3 @@ def _read(nproc: int, out: Path) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     (reporting,) = [r for r in ranks if r["reporting"]]
     return {**reporting, "ranks": ranks}
-
-
-def launch(nproc: int, flags: list[str], out: Path, sigterm: str | None = None) -> dict:
-    """One emulated run (see :func:`launch_plan`); the result also carries ``stdout``."""
-    result = launch_plan(nproc, [{"name": "run", "flags": flags, "sigterm": sigterm}], out)["run"]
-    return {**result, "stdout": (out / "stdout.txt").read_text()}

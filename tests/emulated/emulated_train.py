@@ -1,8 +1,6 @@
 """The ranks of emulated ``--device cuda`` training runs (launched by torchrun in the tests).
 
     python -m torch.distributed.run --nproc-per-node N tests/emulated/emulated_train.py PLAN.json
-    python -m torch.distributed.run --nproc-per-node N tests/emulated/emulated_train.py \
-        RESULT_DIR [training flags ...]          # one run
 
 ``PLAN.json`` lists runs, executed one after the other by the same N processes (megatron-core
 and torch are imported once; the process group stays, megatron's parallel state is rebuilt per
@@ -85,11 +83,8 @@ def _run_one(spec: dict, world: int, rank: int) -> None:
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    if argv[0].endswith(".json"):
-        with open(argv[0]) as f:
-            plan = json.load(f)
-    else:
-        plan = {"runs": [{"name": "run", "out": argv[0], "flags": argv[1:]}]}
+    with open(argv[0]) as f:
+        plan = json.load(f)
     from megatron_endprompt.training.runtime import teardown_runtime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -23,8 +23,9 @@ control failed. Under YaRN x8 (high frequencies kept) the same run retrieved it 
 Every model (the base without scaling too) is evaluated at 1x, 2x, 4x and 8x S0: passkey exact
 match (greedy) and teacher-forced digit accuracy over a length x depth grid, and perplexity by
 position on held-out standard-library text. Training tokens/s and peak memory come from each
-run's TRAIN_SUMMARY. The markdown table, JSON (settings, seeds, every number) and PNG plots are
-written to --output; the numbers are whatever comes out (no method is tuned).
+run's TrainResult (one process per run: its peak memory is its own). The markdown table, JSON
+(settings, seeds, every number) and PNG plots are written to --output; the numbers are whatever
+comes out (no method is tuned).
 
 Data, matching the methods (REPLICATION_NOTES items 3 and 4):
     S0-token passkey documents, each holding complete episodes of random lengths (a needle at a
@@ -45,14 +46,18 @@ and at 8x, and the EndPrompt / full-length training tokens/s and peak memory rat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,64 +83,22 @@ class Method:
 METHODS = (
     Method("pi_only", "linear PI at evaluation, no training", trains=False, scaling="linear"),
     Method("scaling_only", "the extension's RoPE scaling at evaluation, no training", trains=False),
-    Method(
-        "full_length",
-        "contiguous positions at physical length L",
-        ("--position-mode", "contiguous"),
-        full_length=True,
-    ),
+    Method("full_length", "contiguous positions at physical length L",
+           ("--position-mode", "contiguous"), full_length=True),
     Method("pose", "PoSE, 2 chunks", ("--position-mode", "pose", "--pose-num-chunks", "2")),
-    Method(
-        "endprompt_cue_fixed",
-        "EndPrompt, appended cue ending at L-1",
-        (
-            "--position-mode",
-            "endprompt",
-            "--endprompt-terminal",
-            "cue",
-            "--endprompt-placement",
-            "fixed",
-        ),
-    ),  # fmt: skip
-    Method(
-        "endprompt_cue_random",
-        "EndPrompt, appended cue at a random terminal position",
-        (
-            "--position-mode",
-            "endprompt",
-            "--endprompt-terminal",
-            "cue",
-            "--endprompt-placement",
-            "random",
-        ),
-    ),  # fmt: skip
-    Method(
-        "endprompt_tail_fixed",
-        "EndPrompt, own last tokens (question + key) ending at L-1",
-        (
-            "--position-mode",
-            "endprompt",
-            "--endprompt-terminal",
-            "tail",
-            "--endprompt-placement",
-            "fixed",
-        ),
-    ),  # fmt: skip
-    Method(
-        "endprompt_pose",
-        "PoSE chunks + tail terminal ending at L-1",
-        (
-            "--position-mode",
-            "endprompt_pose",
-            "--pose-num-chunks",
-            "2",
-            "--endprompt-terminal",
-            "tail",
-            "--endprompt-placement",
-            "fixed",
-        ),
-    ),  # fmt: skip
-)
+    Method("endprompt_cue_fixed", "EndPrompt, appended cue ending at L-1",
+           ("--position-mode", "endprompt", "--endprompt-terminal", "cue",
+            "--endprompt-placement", "fixed")),
+    Method("endprompt_cue_random", "EndPrompt, appended cue at a random terminal position",
+           ("--position-mode", "endprompt", "--endprompt-terminal", "cue",
+            "--endprompt-placement", "random")),
+    Method("endprompt_tail_fixed", "EndPrompt, own last tokens (question + key) ending at L-1",
+           ("--position-mode", "endprompt", "--endprompt-terminal", "tail",
+            "--endprompt-placement", "fixed")),
+    Method("endprompt_pose", "PoSE chunks + tail terminal ending at L-1",
+           ("--position-mode", "endprompt_pose", "--pose-num-chunks", "2",
+            "--endprompt-terminal", "tail", "--endprompt-placement", "fixed")),
+)  # fmt: skip
 METHOD_NAMES = tuple(m.name for m in METHODS)
 RESUMABLE = ("seeds", "methods")
 """Settings that --resume may change: finished runs of other seeds and methods stay valid."""
@@ -198,25 +161,11 @@ class Settings:
 
 
 QUICK = dict(
-    corpus_docs=60,
-    corpus_doc_bytes=20_000,
-    vocab_size=512,
-    min_episode_tokens=80,
-    passkey_docs_s0=200,
-    passkey_docs_l=40,
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=176,
-    num_attention_heads=2,
-    factor=4,
-    tokens_per_iter=1024,
-    tokens_per_micro_batch=512,
-    base_iters=4,
-    extend_iters=2,
-    eval_depths=[0.5],
-    eval_trials=1,
-    ppl_windows=1,
-)
+    corpus_docs=60, corpus_doc_bytes=20_000, vocab_size=512, min_episode_tokens=80,
+    passkey_docs_s0=200, passkey_docs_l=40, num_layers=2, hidden_size=64, ffn_hidden_size=176,
+    num_attention_heads=2, factor=4, tokens_per_iter=1024, tokens_per_micro_batch=512,
+    base_iters=4, extend_iters=2, eval_depths=[0.5], eval_trials=1, ppl_windows=1,
+)  # fmt: skip
 
 
 def check_settings(s: Settings) -> None:
@@ -284,32 +233,14 @@ def prepare_data(s: Settings, out: str, logs: str, resume: bool) -> dict[str, An
     if resume and os.path.isfile(done):
         return _read_json(done)
     jsonl = os.path.join(data, "corpus.jsonl")
-    run_step(
-        "corpus",
-        _tool("prepare_corpus.py")
-        + [
-            "--output",
-            jsonl,
-            "--max-docs",
-            str(s.corpus_docs),
-            "--max-bytes-per-doc",
-            str(s.corpus_doc_bytes),
-        ],
-        os.path.join(logs, "corpus.log"),
-    )
-    run_step(
-        "tokenizer",
-        _tool("train_tokenizer.py")
-        + [
-            "--input",
-            jsonl,
-            "--vocab-size",
-            str(s.vocab_size),
-            "--output-prefix",
-            os.path.join(data, "tok"),
-        ],
-        os.path.join(logs, "tokenizer.log"),
-    )
+    run_step("corpus", _tool("prepare_corpus.py") + [
+        "--output", jsonl, "--max-docs", str(s.corpus_docs),
+        "--max-bytes-per-doc", str(s.corpus_doc_bytes)],
+        os.path.join(logs, "corpus.log"))  # fmt: skip
+    run_step("tokenizer", _tool("train_tokenizer.py") + [
+        "--input", jsonl, "--vocab-size", str(s.vocab_size),
+        "--output-prefix", os.path.join(data, "tok")],
+        os.path.join(logs, "tokenizer.log"))  # fmt: skip
     tok = TOKENIZER + ["--tokenizer-model", paths["tokenizer"]]
     run_step("preprocess", _tool("preprocess_data.py") + [
         "--input", jsonl, "--output-prefix", os.path.join(data, "stdlib"), *tok,
@@ -344,15 +275,18 @@ def _model_flags(s: Settings) -> list[str]:
 
 
 def _train_flags(s: Settings, paths: dict, seq: int, passkey: str, seed: int) -> list[str]:
+    """The flags every training run shares. The CLI's defaults are Megatron-LM's; these keep the
+    settings the numbers were measured with: the tiny preset as the base of the shape flags
+    (dropout 0), AdamW beta2 0.95 and one data-loader worker."""
     return [
-        sys.executable, "-m", "megatron_endprompt.train", "--device", "cpu", *_model_flags(s),
+        "--device", "cpu", "--model-preset", "tiny", *_model_flags(s),
         *TOKENIZER, "--tokenizer-model", paths["tokenizer"],
         "--data-path", str(s.corpus_weight), paths["corpus"], str(1 - s.corpus_weight), passkey,
         "--split", "98,2,0", "--data-cache-path", os.path.join(os.path.dirname(paths["corpus"]),
                                                             "cache"),
         "--seq-length", str(seq), "--micro-batch-size", str(s.tokens_per_micro_batch // seq),
         "--global-batch-size", str(s.tokens_per_iter // seq), "--eval-iters", "0",
-        "--seed", str(seed), "--log-interval", "20",
+        "--seed", str(seed), "--log-interval", "20", "--adam-beta2", "0.95", "--num-workers", "1",
     ]  # fmt: skip
 
 
@@ -364,48 +298,110 @@ def rope_flags(s: Settings, kind: str) -> list[str]:
     return flags
 
 
-def _summary(text: str) -> dict[str, Any]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("TRAIN_SUMMARY ")]
-    if not lines:
-        raise StepFailed("training printed no TRAIN_SUMMARY")
-    return json.loads(lines[-1][len("TRAIN_SUMMARY ") :])
+SUMMARY_KEYS = ("iterations", "consumed_samples", "final_loss", "valid_loss", "tokens_per_s",
+                "checkpoint", "interrupted", "peak_memory_gib", "peak_memory_kind")  # fmt: skip
+"""TrainResult fields in train_summary.json (TRAIN_SUMMARY's keys: --resume reads old ones)."""
 
 
-def _done(ckpt: str) -> str:
-    return os.path.join(ckpt, "train_summary.json")
+def train_in_process(argv: list[str]) -> dict[str, Any]:
+    """One training run in this process, as ``megatron_endprompt.train`` runs it; returns the
+    :class:`TrainResult`'s ``SUMMARY_KEYS``. Raises what parsing or training raises."""
+    warnings.simplefilter("ignore")  # megatron-core's import-time notices, as before
+    from megatron_endprompt.cli import parse_run_config
+    from megatron_endprompt.training.loop import train
+    from megatron_endprompt.training.runtime import teardown_runtime
+
+    run = parse_run_config(argv, world_size=1, cuda_available=False)
+    for notice in run.notices:
+        print(f"note: {notice}", flush=True)
+    try:
+        result = train(run)
+    finally:  # process group and megatron parallel state: the next run sets them up again
+        teardown_runtime()
+    summary = {k: getattr(result, k) for k in SUMMARY_KEYS}
+    print("TRAIN_SUMMARY " + json.dumps(summary), flush=True)  # for the log's reader
+    return summary
 
 
-def train_run(name: str, cmd: list[str], ckpt: str, logs: str, resume: bool) -> dict[str, Any]:
-    """Train (or, with ``resume``, reuse a finished run); returns its TRAIN_SUMMARY."""
-    if resume and os.path.isfile(_done(ckpt)):
+def _train_child(argv: list[str], log_path: str, conn: Any) -> None:
+    """Spawned process: :func:`train_in_process` with all output (C level too) to ``log_path``;
+    sends ``(True, summary)`` or ``(False, "ExcType: message")``."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ["PYTHONWARNINGS"] = "ignore"  # data-loader workers too, as before
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                outcome = (True, train_in_process(argv))
+        except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
+            if isinstance(err, (ValueError, FileNotFoundError)):  # bad flags or data: one line
+                print(f"error: {err}", file=log)
+            else:
+                traceback.print_exc(file=log)
+            outcome = (False, f"{type(err).__name__}: {err}")
+    conn.send(outcome)
+
+
+def train_step(name: str, argv: list[str], log_path: str) -> dict[str, Any]:
+    """Train in a fresh process (a CPU run's peak memory is its process's peak RSS, so runs
+    sharing one process would report the largest so far); returns the summary. One progress
+    line per step; raises StepFailed naming the log."""
+    start, tail = time.perf_counter(), "(no log)"
+    print(f"[replicate] {name} ...", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_train_child, args=(argv, log_path, send), name=name)
+    proc.start()
+    send.close()
+    try:
+        ok, payload = receive.recv()
+    except EOFError:  # died without a word (killed, crashed)
+        ok, payload = False, "no result"
+    finally:
+        proc.join()
+        receive.close()
+    if not ok or proc.exitcode != 0:
+        with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = "\n".join(f.read().splitlines()[-15:])
+        why = payload if not ok else f"exit {proc.exitcode}"
+        raise StepFailed(f"{name} failed ({why}); log {log_path}:\n{tail}")
+    print(f"[replicate] {name} done in {time.perf_counter() - start:.0f}s", flush=True)
+    return payload
+
+
+def train_run(name: str, argv: list[str], ckpt: str, logs: str, resume: bool) -> dict[str, Any]:
+    """Train (or, with ``resume``, reuse a finished run); returns its summary."""
+    done = os.path.join(ckpt, "train_summary.json")
+    if resume and os.path.isfile(done):
         print(f"[replicate] {name}: reusing {ckpt}", flush=True)
-        return _read_json(_done(ckpt))
+        return _read_json(done)
     shutil.rmtree(ckpt, ignore_errors=True)
-    summary = _summary(run_step(name, cmd + ["--save", ckpt], os.path.join(logs, f"{name}.log")))
-    _write_json(_done(ckpt), summary)
+    summary = train_step(name, argv + ["--save", ckpt], os.path.join(logs, f"{name}.log"))
+    _write_json(done, summary)
     return summary
 
 
 def train_base(s: Settings, paths: dict, out: str, logs: str, resume: bool) -> dict[str, Any]:
     """Pretrain at S0 with contiguous positions and no RoPE scaling."""
-    cmd = _train_flags(s, paths, s.s0, paths["passkey_s0"], s.base_seed) + [
+    argv = _train_flags(s, paths, s.s0, paths["passkey_s0"], s.base_seed) + [
         "--max-position-embeddings", str(s.s0), "--position-mode", "contiguous",
         "--train-iters", str(s.base_iters), "--lr", str(s.base_lr), "--min-lr", str(s.base_min_lr),
         "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(50, s.base_iters // 4)),
     ]  # fmt: skip
-    return train_run("base", cmd, os.path.join(out, "ckpt", "base"), logs, resume)
+    return train_run("base", argv, os.path.join(out, "ckpt", "base"), logs, resume)
 
 
 def extend(
     s: Settings, m: Method, seed: int, paths: dict, out: str, logs: str, resume: bool
 ) -> dict[str, Any]:
-    """Fine-tune the base with method ``m`` at the same token budget; returns TRAIN_SUMMARY."""
+    """Fine-tune the base with method ``m`` at the same token budget; returns its summary."""
     seq = s.length if m.full_length else s.s0
     passkey = paths["passkey_l"] if m.full_length else paths["passkey_s0"]
     flags = list(m.flags)
     if "tail" in flags:  # the question + key: the terminal segment of every passkey sample
         flags += ["--endprompt-tail-length", str(paths["tail_tokens"])]
-    cmd = _train_flags(s, paths, seq, passkey, seed) + flags + [
+    argv = _train_flags(s, paths, seq, passkey, seed) + flags + [
         "--max-position-embeddings", str(s.length), "--target-length", str(s.length),
         *rope_flags(s, s.rope_scaling),
         "--load", os.path.join(out, "ckpt", "base"), "--finetune",
@@ -415,7 +411,7 @@ def extend(
         "--lr-decay-style", "constant",
     ]  # fmt: skip
     run = f"{m.name}_seed{seed}"
-    return train_run(run, cmd, os.path.join(out, "ckpt", run), logs, resume)
+    return train_run(run, argv, os.path.join(out, "ckpt", run), logs, resume)
 
 
 def evaluate(
@@ -531,19 +527,12 @@ def markdown(s: Settings, rows: list[dict], base_summary: dict, elapsed: float) 
         f"- Values are means over the seeds (replicate.json holds each seed). Wall time "
         f"{elapsed / 60:.1f} min.",
     ]
-    return (
-        f"# Small-scale replication: extending S0 = {s.s0} to L = {s.length} (x{s.factor})\n\n"
-        + "\n".join(setup)
-        + "\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + methods
-        + "\n\n"
-        + "Peak memory is the training process's peak RSS on CPU (interpreter and libraries "
-        "included), the allocator's peak on CUDA. Every method processes "
-        f"{s.tokens_per_micro_batch} tokens per micro-batch, so memory differs only by the "
-        "attention over the longer sequence.\n"
-    )
+    title = f"# Small-scale replication: extending S0 = {s.s0} to L = {s.length} (x{s.factor})"
+    memory = ("Peak memory is the training process's peak RSS on CPU (interpreter and libraries "
+              "included), the allocator's peak on CUDA. Every method processes "
+              f"{s.tokens_per_micro_batch} tokens per micro-batch, so memory differs only by the "
+              "attention over the longer sequence.\n")  # fmt: skip
+    return "\n\n".join([title, "\n".join(setup), "\n".join(lines), methods, memory])
 
 
 def plot(rows: list[dict], path_passkey: str, path_ppl: str) -> list[str]:

@@ -43,7 +43,7 @@ DATA_ARGS=(
 )
 TRAINING_ARGS=(
     --micro-batch-size 1 --global-batch-size 64 --train-samples 122070
-    --lr 1e-5 --min-lr 1e-5 --lr-warmup-iters 20 --lr-decay-style constant
+    --lr 1e-5 --min-lr 1e-5 --lr-warmup-samples 1280 --lr-decay-style constant
     --weight-decay 0.0 --clip-grad 1.0 --bf16
     --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
     --seed 1234

@@ -63,6 +63,8 @@ COMMON_ARGS=(
     --tokenizer-model "$OUT/tokenizer.model"
     --log-interval "$LOG_INTERVAL"
     --eval-iters 2
+    --adam-beta2 0.95
+    --num-workers 1
     --seed 1234
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from megatron_endprompt.checkpoint.stored import open_checkpoint
 from megatron_endprompt.cli_utils import (
     Flag,
     StrictArgumentParser,
@@ -27,6 +28,18 @@ from megatron_endprompt.config import (
     RunConfig,
     TrainingConfig,
 )
+from megatron_endprompt.config.megatron_flags import (
+    add_compat_flags,
+    megatron_notices,
+    refused_flags,
+)
+from megatron_endprompt.megatron_args import (
+    add_translated_flags,
+    apply_checkpoint_args,
+    megatron_model_base,
+    resolve_megatron_semantics,
+    rope_scaling_from_flags,
+)
 from megatron_endprompt.recipes import get_recipe
 
 ROPE_FLAGS = {
@@ -39,7 +52,11 @@ ROPE_FLAGS = {
     "beta_slow": Flag("--rope-scaling-beta-slow"),
     "attention_factor": Flag("--rope-scaling-attention-factor"),
 }
-MODEL_FLAGS = {"add_bias_linear": Flag("--disable-bias-linear", invert=True)}
+MODEL_FLAGS = {
+    "add_bias_linear": Flag("--disable-bias-linear", invert=True),
+    "layernorm_zero_centered_gamma": Flag("--apply-layernorm-1p"),
+}
+DATA_FLAGS = {"mmap_bin_files": Flag("--no-mmap-bin-files", invert=True)}
 ENDPROMPT_FLAGS = {
     "terminal": Flag("--endprompt-terminal"),
     "placement": Flag("--endprompt-placement"),
@@ -85,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(
         p, ParallelConfig, "parallelism", skip=("virtual_pipeline_model_parallel_size",)
     )
-    add_dataclass_args(p, DataConfig, "data")
+    add_dataclass_args(p, DataConfig, "data", flags=DATA_FLAGS)
     add_dataclass_args(p, EndPromptConfig, "endprompt", flags=ENDPROMPT_FLAGS)
     add_dataclass_args(p, TrainingConfig, "training")
     add_dataclass_args(p, CheckpointConfig, "checkpointing", flags=CHECKPOINT_FLAGS)
     add_dataclass_args(p, LoggingConfig, "logging")
+    add_translated_flags(p)
+    add_compat_flags(p)
     return p
 
 
@@ -116,15 +135,56 @@ def resolve_device(device: str, cuda_available: bool) -> str:
     return device
 
 
-def parse_run_config(
-    argv: list[str] | None, world_size: int = 1, cuda_available: bool = False
-) -> RunConfig:
-    """Parse and validate the command line into a :class:`RunConfig`."""
-    args = build_parser().parse_args(argv)
+def _recorded_model(args: argparse.Namespace) -> dict:
+    """The model fields the --load checkpoint recorded (ours, or Megatron-LM's args)."""
+    load = getattr(args, "load", None)
+    if not load:
+        raise ValueError("--use-checkpoint-args=True: needs --load")
+    stored = open_checkpoint(load, where=f"--use-checkpoint-args: --load={load}")
+    return stored.model_config.to_dict()
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model: the flags on the preset, or on Megatron-LM's defaults without one."""
     preset = get_recipe(args.model_preset) if args.model_preset else None
-    rope_base = preset.rope_scaling if preset is not None else None
-    rope = dataclass_from_args(RopeScalingConfig, args, base=rope_base)
-    model = dataclass_from_args(ModelConfig, args, base=preset, rope_scaling=rope)
+    rope = rope_scaling_from_flags(args, preset.rope_scaling if preset is not None else None)
+    if preset is None:
+        return dataclass_from_args(
+            ModelConfig, args, rope_scaling=rope, **megatron_model_base(args)
+        )
+    derived = {}  # the preset's head size follows its own shape, not overridden ones
+    if not hasattr(args, "kv_channels") and (
+        hasattr(args, "hidden_size") or hasattr(args, "num_attention_heads")
+    ):
+        derived["kv_channels"] = None
+    return dataclass_from_args(ModelConfig, args, base=preset, rope_scaling=rope, **derived)
+
+
+def parse_run_config(
+    argv: list[str] | None,
+    world_size: int = 1,
+    cuda_available: bool = False,
+    te_available: bool | None = None,
+) -> RunConfig:
+    """Parse and validate the command line into a :class:`RunConfig`.
+
+    Without ``--model-preset`` the model flags mean what they mean in Megatron-LM, defaults
+    included (LayerNorm, GELU, biases, tied embeddings, dropout 0.1, one KV head per query head
+    unless ``--group-query-attention``). ``RunConfig.notices`` holds one line per flag that has
+    no effect here or means something slightly different, for the entry point to print.
+    ``te_available`` (default: whether Transformer Engine is installed) decides what Megatron-LM's
+    default ``--transformer-impl transformer_engine`` becomes on CUDA; planning passes True.
+    """
+    args = build_parser().parse_args(argv)
+    refused_flags(args)
+    notices = megatron_notices(args)
+    device = resolve_device(args.device, cuda_available)
+    if getattr(args, "use_checkpoint_args", False):
+        notices += apply_checkpoint_args(args, _recorded_model(args))
+    notices += resolve_megatron_semantics(
+        args, device, has_preset=args.model_preset is not None, te_available=te_available
+    )
+    model = _model_config(args)
     parallel = dataclass_from_args(
         ParallelConfig,
         args,
@@ -135,6 +195,8 @@ def parse_run_config(
     training = dataclass_from_args(TrainingConfig, args)
     if training.bf16:  # Megatron-LM: --bf16 means bf16 parameters (fp32 master weights)
         model = dataclasses.replace(model, params_dtype="bfloat16")
+    if training.fp16:
+        model = dataclasses.replace(model, params_dtype="float16")
     run = RunConfig(
         model=model,
         parallel=parallel,
@@ -143,8 +205,9 @@ def parse_run_config(
         training=training,
         checkpoint=dataclass_from_args(CheckpointConfig, args),
         logging=dataclass_from_args(LoggingConfig, args),
-        device=resolve_device(args.device, cuda_available),
+        device=device,
         model_preset=args.model_preset,
         world_size=world_size,
+        notices=tuple(notices),
     )
     return run

@@ -24,10 +24,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from megatron_endprompt.config import ParallelConfig
 
@@ -124,6 +126,7 @@ def init_distributed(
     rank: int | None = None,
     world_size: int | None = None,
     port: int | None = None,
+    timeout_minutes: float | None = None,
 ) -> tuple[int, int]:
     """Initialise torch.distributed once (torchrun environment or explicit arguments).
 
@@ -133,6 +136,7 @@ def init_distributed(
         world_size: Number of processes; None reads ``WORLD_SIZE`` (default 1).
         port: Rendezvous port on 127.0.0.1; None uses ``MASTER_ADDR``/``MASTER_PORT`` when set
             (torchrun), else a free port (single process).
+        timeout_minutes: Collective timeout (--distributed-timeout-minutes); None: torch's.
 
     Returns:
         (rank, world_size) of the initialised default group.
@@ -157,8 +161,9 @@ def init_distributed(
         init_method = f"tcp://127.0.0.1:{port or free_port()}"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    extra = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
     dist.init_process_group(
-        backend=backend, init_method=init_method, rank=rank, world_size=world_size
+        backend=backend, init_method=init_method, rank=rank, world_size=world_size, **extra
     )
     return rank, world_size
 
@@ -261,8 +266,6 @@ def model_parallel_seed(seed: int) -> None:
     """
     torch.manual_seed(seed)
     if cuda_available() and ps.model_parallel_is_initialized():
-        from megatron.core import tensor_parallel
-
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

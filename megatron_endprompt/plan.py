@@ -32,10 +32,12 @@ def parameter_count(run: RunConfig, vocab_size: int) -> int:
     hd = m.kv_channels or h // heads
     attn = h * hd * (heads + 2 * groups) + heads * hd * h
     mlp = h * m.ffn_hidden_size * (3 if m.swiglu else 2)
-    biases = 0 if not m.add_bias_linear else hd * (heads + 2 * groups) + h + m.ffn_hidden_size + h
-    per_layer = attn + mlp + biases + 2 * h
+    fc1_out = m.ffn_hidden_size * (2 if m.swiglu else 1)
+    biases = 0 if not m.add_bias_linear else hd * (heads + 2 * groups) + h + fc1_out + h
+    norm = h * (2 if m.normalization == "LayerNorm" else 1)  # LayerNorm has a bias
+    per_layer = attn + mlp + biases + 2 * norm
     embed = vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
-    return m.num_layers * per_layer + embed + h
+    return m.num_layers * per_layer + embed + norm
 
 
 def memory_estimate_gib(run: RunConfig, n_params: int) -> float:
@@ -135,6 +137,7 @@ def describe(
     p, t, m = run.parallel, run.training, run.model
     n = parameter_count(run, vocab_size)
     tokens_iter = t.global_batch_size * m.seq_length
+    warmup, decay = t.schedule_steps(run.train_iters, t.global_batch_size)
     lines = [
         f"device            {run.device}, world size {run.world_size}",
         f"parallel          TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}"
@@ -152,10 +155,13 @@ def describe(
         f"{run.num_microbatches} micro-batches = global {t.global_batch_size}",
         f"budget            {run.train_iters} iterations, {tokens_iter:,} tokens/iter, "
         f"{tokens_iter * run.train_iters / 1e9:.3f}B tokens",
+        f"schedule          {t.lr_decay_style} lr {t.lr:g} -> {t.min_lr:g}, warmup {warmup:,} / "
+        f"decay {decay:,} samples",
         f"memory (no act.)  ~{memory_estimate_gib(run, n):.1f} GiB per GPU",
         f"checkpoints       load={run.checkpoint.load} save={run.checkpoint.save} "
         f"every {run.checkpoint.save_interval or 'end'}",
     ]
+    lines += [f"note              {notice}" for notice in run.notices]
     return "\n".join(lines)
 
 
@@ -186,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         cue_lengths = _cue_lengths(known.coverage_cue_lengths)
         if known.coverage_samples < 0:
             raise ValueError(f"--coverage-samples={known.coverage_samples}: must be >= 0")
-        run = parse_run_config(rest, world_size=known.world_size, cuda_available=True)
+        run = parse_run_config(
+            rest, world_size=known.world_size, cuda_available=True, te_available=True
+        )
         text = describe(run, known.vocab_size or run.model.vocab_size or 128256, cue_lengths)
         if known.coverage_samples:
             text += "\n" + describe_coverage(

@@ -26,14 +26,22 @@ No torch, no megatron: these functions are cheap enough to run in every ``__geti
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 # The method's choice sets, defined once: the run config (flags) and the dataset config use these.
-POSITION_MODES = ("contiguous", "endprompt", "pose", "endprompt_pose")
-TERMINALS = ("cue", "tail")
-TERMINAL_SOURCES = ("contiguous", "document_end")
-PLACEMENTS = ("fixed", "random")
-POSE_CHUNK_SAMPLERS = ("paper", "reference")
+PositionMode = Literal["contiguous", "endprompt", "pose", "endprompt_pose"]
+Terminal = Literal["cue", "tail"]
+TerminalSource = Literal["contiguous", "document_end"]
+Placement = Literal["fixed", "random"]
+PoseChunkSampler = Literal["paper", "reference"]
+# Each choice set once, as a type; the tuples are its values (for checks and messages).
+POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
+TERMINALS: tuple[str, ...] = get_args(Terminal)
+TERMINAL_SOURCES: tuple[str, ...] = get_args(TerminalSource)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+POSE_CHUNK_SAMPLERS: tuple[str, ...] = get_args(PoseChunkSampler)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

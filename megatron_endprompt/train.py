@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        for notice in run.notices:
+            print(f"note: {notice}", flush=True)
     try:
         result = train(run)
     except (ValueError, FileNotFoundError) as err:

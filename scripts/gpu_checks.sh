@@ -79,7 +79,9 @@ skip() { # skip NAME WHY
 
 importable() { timeout 60 "$PYTHON" -c "import $1" >/dev/null 2>&1; }
 
-# Common flags of every training run (megatron_endprompt.train --help lists them).
+# Common flags of every training run (megatron_endprompt.train --help lists them). The defaults
+# are Megatron-LM's (--adam-beta2 0.999, --eval-iters 100, ...): these runs keep 0.95 and, unless
+# a run gives --eval-iters, no validation (train_run adds --eval-iters 0).
 # shellcheck disable=SC2054 # "98,2,0" is one value (--split), not three array elements
 TRAIN=(
     -m megatron_endprompt.train --device cuda --model-preset tiny --tokenizer-type ByteTokenizer
@@ -87,7 +89,7 @@ TRAIN=(
     --seq-length 256 --max-position-embeddings 2048 --target-length 2048
     --rope-scaling-type linear --rope-scaling-factor 8
     --micro-batch-size 4 --global-batch-size 16 --lr 1e-3 --lr-decay-style cosine
-    --log-interval 5 --bf16 --num-workers 1 --no-exit-signal-handler
+    --adam-beta2 0.95 --log-interval 5 --bf16 --num-workers 1 --no-exit-signal-handler
 )
 # Every row of a micro-batch gets [0 .. a-1, L-t .. L-1]: one [s, 1, 1, d] table, TE's fused RoPE.
 SHARED=(--position-mode endprompt --endprompt-terminal tail --endprompt-tail-length 32)
@@ -97,13 +99,15 @@ PER_SAMPLE=(--position-mode endprompt_pose --endprompt-terminal tail --endprompt
 train_run() { # train_run NAME FLAGS...: one training run (or its argv with --print-train-argv)
     local name=$1
     shift
+    local valid=(--eval-iters 0) # the parser refuses a flag given twice
+    [[ " $* " == *" --eval-iters "* ]] && valid=()
     if ((PRINT_ONLY)); then
         printf 'TRAIN_ARGV %s' "$name"
-        printf ' %q' "${TRAIN[@]}" "$@"
+        printf ' %q' "${TRAIN[@]}" "${valid[@]}" "$@"
         echo
         return 0
     fi
-    run_step "train_$name" "$TRAIN_TIMEOUT" "$PYTHON" "${TRAIN[@]}" "$@"
+    run_step "train_$name" "$TRAIN_TIMEOUT" "$PYTHON" "${TRAIN[@]}" "${valid[@]}" "$@"
 }
 
 training_runs() { # IMPL and FP8_OK are set by the environment step

@@ -124,6 +124,7 @@ PLAN = [
     "64",
     "--target-length",
     "64",
+    "--allow-unscaled-extension",
 ]
 
 

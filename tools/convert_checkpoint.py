@@ -6,9 +6,11 @@
     python tools/convert_checkpoint.py --direction megatron-to-hf --input ckpt/endprompt \
         --output Llama-3-8B-64k --target-length 65536 --tokenizer-dir Llama-3-8B
 
-The Megatron side loads with ``--load DIR --finetune``. ``megatron-to-hf`` reads either format at
-any saved layout: the per-shard files of CPU runs and conversions, or the dist_checkpointing
-(``torch_dist``) checkpoints of CUDA runs (TP/PP/VPP), on a CPU-only machine too. The export's
+The Megatron side loads with ``--load DIR --finetune`` (here and in Megatron-LM: its folder names,
+keys, ``args`` and, by default, Transformer Engine key names). ``megatron-to-hf`` reads either
+format at any saved layout: the per-shard files of CPU runs, conversions and Megatron-LM's legacy
+``torch`` format (TE or local key names), or ``torch_dist`` checkpoints (ours or Megatron-LM's,
+TP/PP/VPP), on a CPU-only machine too. The export's
 config.json carries rope_theta, rope_scaling and max_position_embeddings = the target length.
 Exit status: 0 on success, 2 on bad flags or input (one ``error:`` line on stderr, nothing
 written), 130 when interrupted.
@@ -41,9 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--transformer-impl",
-        choices=["local", "te"],
-        default="local",
-        help="Layer spec whose state-dict key names to write.",
+        choices=["transformer_engine", "local", "te"],
+        default="transformer_engine",
+        help="Layer spec whose state-dict key names to write: transformer_engine (default, as "
+        "Megatron-LM's default: norms fused as linear_qkv/linear_fc1 .layer_norm_weight) or "
+        "local (input_layernorm / pre_mlp_layernorm); te is an alias of transformer_engine. "
+        "Our --load reads either into either spec.",
     )
     g.add_argument(
         "--make-vocab-size-divisible-by",
@@ -94,7 +99,7 @@ def _run(args: argparse.Namespace) -> str:
         seq_length=args.seq_length,
         force=args.force,
         progress=progress,
-        transformer_impl=args.transformer_impl,
+        transformer_impl="local" if args.transformer_impl == "local" else "te",
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
     )
     return f"wrote {args.output}: {m.num_layers} layers as TP={tp} x PP={pp} shards"

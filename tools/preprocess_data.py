@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Tokenize JSONL into Megatron indexed binary files (PREFIX_<key>_document.{bin,idx}).
+"""Tokenize JSONL into Megatron indexed binary files (PREFIX_<key>_<level>.{bin,idx}).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
         --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod \
         --workers 2
 
-Flags follow Megatron-LM's tools/preprocess_data.py (without --split-sentences). Exit status:
-0 on success, 2 on bad flags or input (one ``error:`` line on stderr), 130 when interrupted.
+Flags and outputs follow Megatron-LM core_v0.16.1's tools/preprocess_data.py (level ``document``,
+or ``sentence`` with --split-sentences; --legacy-tokenizer selects its legacy tokenizer system).
+Additions: several --input files/globs, --strict, --chunk-size, --no-progress. Exit status: 0 on
+success, 2 on bad flags or input (one ``error:`` line on stderr), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL files or globs (repeatable).",
     )
     p.add_argument(
-        "--output-prefix", required=True, help="Outputs are PREFIX_<key>_document.{bin,idx}."
+        "--output-prefix", required=True, help="Outputs are PREFIX_<key>_<level>.{bin,idx}."
     )
     p.add_argument(
         "--json-keys",
@@ -43,11 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=["text"],
         help="JSON keys to tokenize; one output pair per key.",
     )
-    p.add_argument("--tokenizer-type", required=True, help=f"One of {', '.join(TOKENIZER_TYPES)}.")
+    _add_tokenizer_flags(p)
     p.add_argument(
-        "--tokenizer-model",
-        default=None,
-        help="SentencePiece .model, or tokenizer.json / its directory.",
+        "--split-sentences",
+        action="store_true",
+        help="One sequence per sentence (NLTK punkt; its data must be installed); outputs "
+        "PREFIX_<key>_sentence.",
+    )
+    p.add_argument(
+        "--keep-newlines",
+        action="store_true",
+        help="Sentences keep the newlines after them (with --split-sentences).",
+    )
+    p.add_argument("--lang", default="english", help="punkt language for --split-sentences.")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="Megatron-LM's input partitions: lines round robin (document order as Megatron-LM).",
+    )
+    p.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="With --partitions: consecutive blocks, so the input order is kept.",
     )
     p.add_argument("--append-eod", action="store_true", help="End each document with EOD.")
     p.add_argument("--workers", type=int, default=1, help="Tokenizer processes.")
@@ -67,6 +87,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer-type", required=True, help=f"One of {', '.join(TOKENIZER_TYPES)}.")
+    p.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="SentencePiece .model, tokenizer.json / its directory, or a TikTokenizer .json.",
+    )
+    p.add_argument(
+        "--legacy-tokenizer",
+        action="store_true",
+        help="Megatron-LM's legacy tokenizer system (other EOD/BOS ids: see README).",
+    )
+    p.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json.")
+    p.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt.")
+    p.add_argument(
+        "--vocab-size", type=int, default=None, help="NullTokenizer EOD / TikTokenizer size."
+    )
+    p.add_argument(
+        "--vocab-extra-ids",
+        type=int,
+        default=0,
+        help="Accepted; ignored, as Megatron-LM's preprocess_data.py sets it to 0.",
+    )
+    p.add_argument(
+        "--tokenizer-special-tokens", nargs="+", default=None, help="Special tokens to add."
+    )
+    p.add_argument("--tiktoken-pattern", default=None, help="TikTokenizer pattern v1 or v2.")
+    p.add_argument(
+        "--tiktoken-num-special-tokens", type=int, default=1000, help="TikTokenizer specials."
+    )
+
+
+def tokenizer_options(args: argparse.Namespace) -> dict:
+    """``build_tokenizer`` keyword arguments from the parsed flags."""
+    return dict(
+        legacy=args.legacy_tokenizer,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        vocab_size=args.vocab_size,
+        vocab_extra_ids=args.vocab_extra_ids,
+        special_tokens=args.tokenizer_special_tokens,
+        tiktoken_pattern=args.tiktoken_pattern,
+        tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run preprocessing; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -83,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
             chunk_size=args.chunk_size,
             progress=not args.no_progress,
+            tokenizer_options=tokenizer_options(args),
+            split_sentences=args.split_sentences,
+            keep_newlines=args.keep_newlines,
+            lang=args.lang,
+            partitions=args.partitions,
+            keep_sequential_samples=args.keep_sequential_samples,
         )
     )
 

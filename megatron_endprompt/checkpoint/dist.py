@@ -20,8 +20,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.checkpoint import megatron_lm
 from megatron_endprompt.device import synchronize
 
 
@@ -29,13 +34,9 @@ def _model_keys(n: int) -> list[str]:
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 
-def _rng_sharded(rt) -> Any:
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    state = ckpt.get_rng_state()
-    state["rng_tracker_states"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+def _rng_sharded(rt, seed: int) -> Any:
+    # Megatron-LM's list of one dict (random/np/torch/cuda/tracker states).
+    state = megatron_lm.rng_state_list(seed, rt.tp_rank, rt.pp_rank)
     # One object per (PP, TP) coordinate, replicated over DP x CP (as Megatron-LM stores it):
     # the replica id must be the rank in the DP x CP group, or the CP ranks of DP rank 0 would
     # all claim to be the main replica (dist_checkpointing: "Duplicate ShardedObject keys").
@@ -72,8 +73,6 @@ def sharding_metadata(run) -> dict[str, Any]:
 
 def _with_groups(metadata: dict[str, Any] | None) -> dict[str, Any]:
     """Metadata plus the live DP x CP group TE's layers ask for (never serialised)."""
-    from megatron.core import parallel_state as ps
-
     group = ps.get_data_parallel_group(with_context_parallel=True)
     return {**(metadata or {}), "dp_cp_group": group}
 
@@ -105,20 +104,23 @@ def sharded_state(
         )
         sd["opt_param_scheduler"] = objs.scheduler.state_dict()
     if not (for_load and (run.checkpoint.finetune or run.checkpoint.no_load_rng or not load_rng)):
-        sd["rng_state"] = _rng_sharded(rt)
+        sd["rng_state"] = _rng_sharded(rt, run.training.seed)
     sd["iteration"] = state.iteration
     sd["consumed_samples"] = state.consumed_samples
     if not for_load:  # read back with .get: older checkpoints lack the validation position
         sd["valid_consumed_samples"] = state.valid_consumed_samples
         sd["rng_layout"] = _layout(rt)
         sd["run_config"] = run.to_dict()
+        # Megatron-LM's scalar common keys. Its ``args`` namespace is NOT stored here:
+        # megatron-core's dist_checkpointing.load reads common.pt with weights_only=True and
+        # refuses argparse.Namespace unless the process allowlists it.
+        sd["checkpoint_version"] = megatron_lm.CHECKPOINT_VERSION
+        sd["num_floating_point_operations_so_far"] = 0
     return sd
 
 
 def save(run, rt, objs, state) -> str:
     """Save iteration ``state.iteration`` with dist_checkpointing; publish atomically."""
-    from megatron.core import dist_checkpointing
-
     final = ckpt.iteration_dir(run.checkpoint.save, state.iteration)
     tmp = final + ".tmp"
     if dist.get_rank() == 0:
@@ -158,8 +160,6 @@ def _check_layout_change(run, rt, saved_layout, metadata: dict[str, Any] | None,
 
 def _torch_adam_distributed(optimizer):
     """(DistributedOptimizer, its inner torch Adam) pairs: megatron-core's no-TE/Apex fallback."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if isinstance(opt, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
@@ -203,15 +203,14 @@ def _restore_torch_adam_steps(optimizer) -> None:
 
 def load(run, rt, objs, state) -> bool:
     """Load the latest checkpoint of --load into ``objs``/``state``; False when there is none."""
-    from megatron.core import dist_checkpointing, tensor_parallel
-
     iteration = ckpt.read_tracker(run.checkpoint.load)
     if iteration is None:
         return False
     path = ckpt.stored_iteration_dir(run.checkpoint.load, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load: tracker names {path}, which does not exist")
-    if os.path.isdir(os.path.join(path, ckpt.ShardRank(rt.tp_rank, rt.pp_rank).shard_name)):
+    names = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0, rt.pp_size).shard_names
+    if any(os.path.isdir(os.path.join(path, name)) for name in names):
         return _load_legacy(run, rt, objs, state, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     ckpt.check_checkpoint_model(run.model, common, run.checkpoint.load)
@@ -250,13 +249,17 @@ def load(run, rt, objs, state) -> bool:
         # weights; copy the loaded ones in, or the first step would overwrite them.
         objs.optimizer.reload_model_params()
     if load_rng and not (c.finetune or c.no_load_rng):
-        rng = loaded["rng_state"]
-        ckpt.set_rng_state(rng)
-        tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
+        rng = loaded["rng_state"]  # Megatron-LM's [dict] (ours since v2) or our older dict
+        first = rng[0] if isinstance(rng, (list, tuple)) else rng
+        if isinstance(rng, (list, tuple)):
+            megatron_lm.restore_rng({"rng_state": rng})
+        else:
+            ckpt.set_rng_state(rng)
+        tensor_parallel.get_cuda_rng_tracker().set_states(first["rng_tracker_states"])
     if not run.checkpoint.finetune:
-        state.iteration = int(loaded["iteration"])
-        state.consumed_samples = int(loaded["consumed_samples"])
-        state.valid_consumed_samples = int(loaded.get("valid_consumed_samples", 0))
+        state.iteration, state.consumed_samples, state.valid_consumed_samples = (
+            megatron_lm.progress(loaded)
+        )
     synchronize(rt.device)
     return True
 
@@ -278,13 +281,14 @@ def _load_legacy(run, rt, objs, state, iteration: int) -> bool:
             "--finetune or --no-load-optim to take its weights on CUDA"
         )
     shard = ckpt.load_checkpoint(
-        run.checkpoint.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank), iteration
+        run.checkpoint.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0, rt.pp_size), iteration
     )
     ckpt.load_model_weights(objs.module[0], shard, run.checkpoint.load, run.model)
     # The optimizer's fp32 main params (bf16/fp16) were copied from the initial weights.
     objs.optimizer.reload_model_params()
     if not run.checkpoint.finetune:
-        state.iteration = int(shard.get("iteration", 0))
-        state.consumed_samples = int(shard.get("consumed_samples", 0))
-        state.valid_consumed_samples = int(shard.get("valid_consumed_samples", 0))
+        # Megatron-LM keeps the consumed samples in args (checkpoint/megatron_lm.py).
+        state.iteration, state.consumed_samples, state.valid_consumed_samples = (
+            megatron_lm.progress(shard)
+        )
     return True

@@ -30,6 +30,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import (
+    CheckpointException,
+    DefaultLoadPlanner,
+    FileSystemReader,
+    LoadPlan,
+)
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_endprompt.checkpoint.shards import safe_load
 
@@ -50,9 +59,6 @@ def _checkpoint_planner(requests: Mapping[str, tuple[str, tuple[int, ...], torch
 
     ``requests``: name -> (stored key, global offsets, destination tensor of the region's shape).
     """
-    from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
     class RegionPlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
@@ -105,9 +111,6 @@ class DistCheckpointReader:
     """
 
     def __init__(self, iteration_dir: str, where: str) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         self.path, self.where = iteration_dir, where
         backend = self._read_backend()
         if backend != "torch_dist":
@@ -177,8 +180,6 @@ class DistCheckpointReader:
         Raises:
             ValueError: naming the key when it is missing or its chunks do not cover the region.
         """
-        from torch.distributed.checkpoint import CheckpointException, load
-
         regions: dict[str, tuple[str, tuple[int, ...], torch.Tensor]] = {}
         for name, (key, index) in requests.items():
             if key not in self.shapes:
@@ -194,8 +195,8 @@ class DistCheckpointReader:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore")
             try:
-                load({n: r[2] for n, r in regions.items()}, storage_reader=self._reader,
-                     planner=planner, no_dist=True)  # fmt: skip
+                dcp_load({n: r[2] for n, r in regions.items()}, storage_reader=self._reader,
+                         planner=planner, no_dist=True)  # fmt: skip
             except (Exception, CheckpointException) as err:  # noqa: BLE001 - any read failure
                 raise ValueError(f"{self.where}: cannot read {self.path}: {_cause(err)}") from err
         if planner.covered != sum(r[2].numel() for r in regions.values()):

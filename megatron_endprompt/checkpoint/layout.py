@@ -2,14 +2,20 @@
 
     SAVE/latest_checkpointed_iteration.txt     tracker: the newest COMPLETE iteration ("release")
     SAVE/iter_0000100/                         one iteration (Megatron-LM also has SAVE/release/)
-    SAVE/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt    per-shard format (shards.py)
-    SAVE/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt.sha256    its checksum (sha256sum format)
+    SAVE/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt  per-shard format (shards.py)
+    SAVE/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt.sha256  its checksum (sha256sum)
     SAVE/iter_0000100/{metadata.json,common.pt,*.distcp}   dist_checkpointing format (dist.py)
 
 A save is written under ``iter_N.tmp`` and published by :func:`publish_iteration` (rename, then
 the tracker, then pruning), so the tracker only ever names a complete directory. A shard's
 checksum file is written inside ``iter_N.tmp`` and checked on load; shards without one (older
 checkpoints, conversions) load unchecked.
+
+Shard folders are named as Megatron-LM core_v0.16.1 names them
+(``megatron/training/checkpointing.py: get_checkpoint_name``): ``mp_rank_TT`` when the run has
+one pipeline stage, ``mp_rank_TT_PPP`` with PP > 1 (Megatron-LM appends ``_EEE`` with expert
+parallelism, which this package does not use). Readers accept both forms at any PP size, so the
+``mp_rank_TT_000`` folders of our older single-stage checkpoints still load.
 """
 
 from __future__ import annotations
@@ -35,11 +41,28 @@ class ShardRank:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    pp_size: int = 1
 
     @property
     def shard_name(self) -> str:
-        """Megatron's shard folder name, ``mp_rank_TT_PPP``."""
-        return f"mp_rank_{self.tp_rank:02d}_{self.pp_rank:03d}"
+        """Megatron-LM's shard folder name: ``mp_rank_TT`` (PP = 1) or ``mp_rank_TT_PPP``."""
+        return shard_dir_name(self.tp_rank, self.pp_rank, self.pp_size)
+
+    @property
+    def shard_names(self) -> tuple[str, ...]:
+        """Names to look for on load: Megatron-LM's first, then (stage 0) the other form."""
+        short = f"mp_rank_{self.tp_rank:02d}"
+        long = f"{short}_{self.pp_rank:03d}"
+        if self.pp_rank > 0:
+            return (long,)
+        return (short, long) if self.shard_name == short else (long, short)
+
+
+def shard_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """``mp_rank_TT`` when ``pp_size`` is 1, else ``mp_rank_TT_PPP`` (Megatron-LM's rule)."""
+    if pp_size > 1 or pp_rank > 0:
+        return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return f"mp_rank_{tp_rank:02d}"
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:

@@ -4,7 +4,13 @@ RNG states, consumed samples and iteration of one (TP, PP) shard.
 Layout (Megatron-LM's legacy names, so its tools recognise the directory)::
 
     SAVE/latest_checkpointed_iteration.txt     tracker: the newest COMPLETE iteration
-    SAVE/iter_0000100/mp_rank_TT_PPP/model_optim_rng.pt
+    SAVE/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt
+
+A shard holds what Megatron-LM core_v0.16.1's legacy ``torch`` format holds (see
+:mod:`.megatron_lm`): ``model``, ``optimizer``, ``opt_param_scheduler``, ``rng_state``, ``args``,
+``checkpoint_version`` and ``iteration``, plus our own keys, which Megatron-LM ignores
+(``run_config``, ``consumed_samples``, ``valid_consumed_samples``, ``format``). Loading accepts
+that, Megatron-LM's own shards, and our older shards (``scheduler``, ``rng``, no ``args``).
 
 Every rank of the first data-parallel replica writes its (TP, PP) shard into ``iter_N.tmp``; after
 a barrier rank 0 renames the directory to ``iter_N`` and then rewrites the tracker (itself through a
@@ -41,7 +47,8 @@ from megatron_endprompt.checkpoint.layout import (
     verify_checksum,
     write_checksum,
 )
-from megatron_endprompt.checkpoint.weights import load_megatron_state_dict
+from megatron_endprompt.checkpoint.megatron_lm import model_config_from_megatron_args
+from megatron_endprompt.checkpoint.weights import load_megatron_state_dict, rename_to_model_keys
 
 # Fields that must agree between a checkpoint and the model loading it. RoPE scaling, sequence and
 # window lengths may change on purpose (that is context extension); these may not.
@@ -180,7 +187,9 @@ def checkpoint_path(load_dir: str, rank: ShardRank, iteration: int | None = None
         iteration = read_tracker(load_dir)
         if iteration is None:
             return None
-    path = os.path.join(stored_iteration_dir(load_dir, iteration), rank.shard_name, SHARD_FILE)
+    base = stored_iteration_dir(load_dir, iteration)
+    candidates = [os.path.join(base, name, SHARD_FILE) for name in rank.shard_names]
+    path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--load: checkpoint shard {path} is missing (was it saved with a different "
@@ -206,7 +215,9 @@ def recorded_model_config(
     """The model config a checkpoint recorded, as a dict, or None.
 
     Looked up in order: the shard's ``run_config["model"]`` (training checkpoints), its
-    ``model_config`` (converted checkpoints), then ``model_config.json`` in ``search_dirs``.
+    ``model_config`` (converted checkpoints), ``model_config.json`` in ``search_dirs``, then
+    Megatron-LM's ``args`` namespace (checkpoints written by Megatron-LM), mapped to our fields
+    by :func:`.megatron_lm.model_config_from_megatron_args`.
     """
     run_config = shard.get("run_config")
     if isinstance(run_config, Mapping) and isinstance(run_config.get("model"), Mapping):
@@ -218,7 +229,19 @@ def recorded_model_config(
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
+    if isinstance(shard.get("args"), argparse.Namespace):
+        return model_config_from_megatron_args(shard["args"])
     return None
+
+
+def _resolved(name: str, values: Mapping[str, Any]) -> Any:
+    """A field's effective value (None defaults of kv_channels / num_query_groups resolved)."""
+    value = values.get(name)
+    if value is None and name == "kv_channels" and values.get("num_attention_heads"):
+        return values.get("hidden_size", 0) // values["num_attention_heads"]
+    if value is None and name == "num_query_groups":
+        return values.get("num_attention_heads")
+    return value
 
 
 def check_checkpoint_model(model_config: Any, shard: Mapping[str, Any], load_dir: str) -> None:
@@ -230,11 +253,12 @@ def check_checkpoint_model(model_config: Any, shard: Mapping[str, Any], load_dir
     saved = recorded_model_config(shard)
     if not saved:
         return
+    run = {name: getattr(model_config, name) for name in (*MUST_MATCH, "num_attention_heads")}
     bad = [
-        f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, run "
-        f"{getattr(model_config, name)!r}"
+        f"--{name.replace('_', '-')}: checkpoint {_resolved(name, saved)!r}, run "
+        f"{_resolved(name, run)!r}"
         for name in MUST_MATCH
-        if name in saved and saved[name] != getattr(model_config, name)
+        if name in saved and _resolved(name, saved) != _resolved(name, run)
     ]
     if bad:
         raise ValueError(
@@ -247,11 +271,15 @@ def load_model_weights(
 ) -> None:
     """Load a shard's weights into ``module`` after checking its recorded model config.
 
+    Either layer spec's names load into either spec (``weights.rename_to_model_keys``: TE's
+    fused ``linear_qkv.layer_norm_weight`` <-> local ``input_layernorm.weight``, ...).
+
     Raises:
         ValueError: naming --load, on a config disagreement or missing / unexpected keys.
     """
     check_checkpoint_model(model_config, shard, load_dir)
     try:
-        load_megatron_state_dict(module, shard["model"])
+        sd = rename_to_model_keys(shard["model"], module.state_dict().keys())
+        load_megatron_state_dict(module, sd)
     except ValueError as err:
         raise ValueError(f"--load={load_dir}: {err}") from err

@@ -173,3 +173,49 @@ def merge_tensor_parallel(
 
 
 # ---------------------------------------------------------------- output directories
+
+
+# ---------------------------------------------------------------- layer-spec key names
+
+# Transformer Engine fuses the pre-attention / pre-MLP norms into linear_qkv / linear_fc1
+# (megatron-core's TE spec); the local spec keeps them as separate modules.
+_TE_TO_LOCAL = (
+    ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+    ("self_attention.linear_qkv.layer_norm_bias", "input_layernorm.bias"),
+    ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+    ("mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias"),
+)
+
+
+def _spec_aliases(key: str) -> list[str]:
+    """The other spec's names of ``key`` (empty when the name is the same in both)."""
+    out = []
+    for te, local in _TE_TO_LOCAL:
+        for src, dst in ((te, local), (local, te)):
+            if key.endswith("." + src):
+                out.append(key[: -len(src)] + dst)
+    return out
+
+
+def rename_to_model_keys(
+    sd: Mapping[str, Any], model_keys: Sequence[str] | set[str]
+) -> dict[str, Any]:
+    """``sd`` under the key names of the model to load it into (TE <-> local norm names).
+
+    A stored key the model does not have is renamed to its other-spec alias when the model has
+    that one. ``*._extra_state`` entries the model does not have are dropped (Transformer
+    Engine's FP8 metadata, ``None`` for megatron's local layers); the ones it has but the
+    checkpoint lacks stay missing, which :func:`load_megatron_state_dict` tolerates (the modules
+    keep their fresh state, as Megatron-LM's non-strict fallback does).
+    """
+    wanted = set(model_keys)
+    out: dict[str, Any] = {}
+    for key, value in sd.items():
+        if key not in wanted:
+            alias = next((a for a in _spec_aliases(key) if a in wanted), None)
+            if alias is not None:
+                key = alias
+            elif key.endswith("_extra_state"):
+                continue
+        out[key] = value
+    return out

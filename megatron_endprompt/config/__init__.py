@@ -1,8 +1,10 @@
 """Configuration: one package, each dataclass validating itself in ``__post_init__``.
 
 * :mod:`.model`: model shape and numerics, RoPE scaling, parallel layout.
+* :mod:`.training`: batch sizes, schedule, optimizer and numerics (``TrainingConfig``).
+* :mod:`.megatron_flags`: Megatron-LM flags without effect here, or refused, with the reasons.
 * :mod:`.sections`: the rest of a run, one dataclass per concern (data, EndPrompt layout,
-  schedule and numerics, checkpoints, logging).
+  checkpoints, logging).
 * :mod:`.run`: :class:`RunConfig`, the whole run, and the rules that need several sections.
 * :mod:`.fp8`: Transformer Engine's FP8 shape rules.
 
@@ -27,8 +29,8 @@ from megatron_endprompt.config.sections import (
     DataConfig,
     EndPromptConfig,
     LoggingConfig,
-    TrainingConfig,
 )
+from megatron_endprompt.config.training import TrainingConfig
 
 __all__ = [
     "NORMALIZATIONS", "PARAMS_DTYPES", "ROPE_SCALING_TYPES", "TRANSFORMER_IMPLS",

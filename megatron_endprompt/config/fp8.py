@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from megatron_endprompt.config.model import ModelConfig, ParallelConfig
 
 if TYPE_CHECKING:
-    from megatron_endprompt.config.sections import TrainingConfig
+    from megatron_endprompt.config.training import TrainingConfig
 
 
 def check_fp8_shapes(

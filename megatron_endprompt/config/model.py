@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-ROPE_SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
+RopeScalingType = Literal["none", "linear", "ntk", "yarn", "llama3"]
+ROPE_SCALING_TYPES: tuple[str, ...] = get_args(RopeScalingType)
 
 
 def _require(cond: bool, flag: str, value: Any, why: str) -> None:
@@ -30,7 +31,7 @@ class RopeScalingConfig:
     export), so a config converts to and from Hugging Face without loss.
     """
 
-    rope_type: str = "none"
+    rope_type: RopeScalingType = "none"
     """none | linear (Position Interpolation) | ntk (NTK-aware base) | yarn | llama3."""
     factor: float = 1.0
     """Extension factor s = L / L_orig. Fractional values are allowed (linear, ntk, yarn)."""
@@ -95,9 +96,13 @@ class RopeScalingConfig:
         return asdict(self)
 
 
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-TRANSFORMER_IMPLS = ("local", "te")
-PARAMS_DTYPES = ("float32", "bfloat16", "float16")
+Normalization = Literal["RMSNorm", "LayerNorm"]
+TransformerImpl = Literal["local", "te"]
+ParamsDtype = Literal["float32", "bfloat16", "float16"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
+TRANSFORMER_IMPLS: tuple[str, ...] = get_args(TransformerImpl)
+"""Internal names; ``transformer_engine`` (Megatron-LM's spelling) is accepted for ``te``."""
+PARAMS_DTYPES: tuple[str, ...] = get_args(ParamsDtype)
 
 
 @dataclass
@@ -108,8 +113,9 @@ class ModelConfig:
     """Number of transformer layers."""
     hidden_size: int = 128
     """Transformer hidden size."""
-    ffn_hidden_size: int = 352
-    """MLP intermediate size (per branch of the SwiGLU gate)."""
+    ffn_hidden_size: int | None = 352
+    """MLP intermediate size (per branch of the SwiGLU gate); None derives Megatron-LM's:
+    int(8h/3 / 64) x 64 with --swiglu, else 4h."""
     num_attention_heads: int = 4
     """Number of query heads."""
     num_query_groups: int | None = 2
@@ -132,7 +138,7 @@ class ModelConfig:
     """Rotate interleaved channel pairs (GPT-J style) instead of the two halves (Llama)."""
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     """RoPE context-extension scaling."""
-    normalization: str = "RMSNorm"
+    normalization: Normalization = "RMSNorm"
     """RMSNorm | LayerNorm."""
     norm_epsilon: float = 1e-5
     """Epsilon of the normalization layers."""
@@ -148,14 +154,22 @@ class ModelConfig:
     """Dropout after the attention and MLP blocks."""
     init_method_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    layernorm_zero_centered_gamma: bool = False
+    """Norm weights stored as gamma - 1 (Megatron-LM's --apply-layernorm-1p)."""
     transformer_impl: str = "local"
-    """local (megatron-core modules + torch SDPA, runs on CPU) | te (Transformer Engine, GPU)."""
-    params_dtype: str = "float32"
+    """local (megatron-core modules + torch SDPA, runs on CPU) | transformer_engine (alias te;
+    Transformer Engine, GPU)."""
+    params_dtype: ParamsDtype = "float32"
     """Parameter dtype: float32 | bfloat16 | float16."""
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
+        if self.transformer_impl == "transformer_engine":
+            self.transformer_impl = "te"
+        if self.ffn_hidden_size is None and isinstance(self.hidden_size, int):
+            h = self.hidden_size  # Megatron-LM's validate_args derivation
+            self.ffn_hidden_size = int((4 * h * 2 / 3) / 64) * 64 if self.swiglu else 4 * h
         for name in (
             "num_layers",
             "hidden_size",
@@ -305,6 +319,14 @@ class ParallelConfig:
     """Shard norms and dropout activations along the sequence over the tensor-parallel group."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
+    overlap_grad_reduce: bool = False
+    """CUDA path: overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """CUDA path, distributed optimizer: overlap the parameter all-gather with the forward."""
+    grad_reduce_in_bf16: bool = False
+    """CUDA path: reduce gradients in bf16 instead of fp32."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations (torch.distributed's init_process_group)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -338,6 +360,18 @@ class ParallelConfig:
             "--sequence-parallel",
             self.sequence_parallel,
             "needs --tensor-model-parallel-size > 1",
+        )
+        _require(
+            not self.overlap_param_gather or self.use_distributed_optimizer,
+            "--overlap-param-gather",
+            True,
+            "needs --use-distributed-optimizer (as Megatron-LM)",
+        )
+        _require(
+            self.distributed_timeout_minutes >= 1,
+            "--distributed-timeout-minutes",
+            self.distributed_timeout_minutes,
+            "must be >= 1",
         )
 
     @property

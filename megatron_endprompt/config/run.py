@@ -18,8 +18,8 @@ from megatron_endprompt.config.sections import (
     DataConfig,
     EndPromptConfig,
     LoggingConfig,
-    TrainingConfig,
 )
+from megatron_endprompt.config.training import TrainingConfig
 
 
 @dataclass
@@ -36,6 +36,8 @@ class RunConfig:
     device: str = "cpu"
     model_preset: str | None = None
     world_size: int = 1
+    notices: tuple[str, ...] = ()
+    """Lines the entry point prints once: flags without effect here, Megatron-LM adjustments."""
 
     @property
     def data_parallel_size(self) -> int:
@@ -108,27 +110,30 @@ def _validate_batch(run: RunConfig) -> None:
 
 def _validate_schedule(run: RunConfig) -> None:
     # megatron-core's OptimizerParamScheduler asserts lr_warmup_steps < lr_decay_steps; refuse it
-    # here, naming both flags, instead of an assertion (or a silently clamped schedule) later.
+    # here, naming the flags, instead of an assertion (or a silently clamped schedule) later.
     t = run.training
-    warmup = t.lr_warmup_iters
-    if t.lr_decay_iters is not None:
-        if warmup >= t.lr_decay_iters:
-            _fail(
-                f"--lr-warmup-iters={warmup} must be less than --lr-decay-iters="
-                f"{t.lr_decay_iters} (megatron-core asserts warmup < decay)"
-            )
+    warmup, decay = t.schedule_steps(run.train_iters, t.global_batch_size)
+    if warmup < decay:
         return
-    if warmup >= run.train_iters:
+    why = "(megatron-core asserts warmup < decay)"
+    if t.lr_warmup_fraction is not None:
+        _fail(f"--lr-warmup-fraction={t.lr_warmup_fraction} leaves no decay {why}")
+    if t.train_iters is None:
         length = (
-            f"--train-iters={t.train_iters}"
-            if t.train_iters is not None
-            else f"--train-samples={t.train_samples} / --global-batch-size="
-            f"{t.global_batch_size} = {run.train_iters} iterations"
+            f"--lr-decay-samples={t.lr_decay_samples}"
+            if t.lr_decay_samples is not None
+            else f"--train-samples={t.train_samples} when --lr-decay-samples is not given"
         )
+        _fail(f"--lr-warmup-samples={t.lr_warmup_samples} must be less than {length} {why}")
+    if t.lr_decay_iters is not None:
         _fail(
-            f"--lr-warmup-iters={warmup} must be less than the decay length, {length} when "
-            "--lr-decay-iters is not given (megatron-core asserts warmup < decay)"
+            f"--lr-warmup-iters={t.lr_warmup_iters} must be less than --lr-decay-iters="
+            f"{t.lr_decay_iters} {why}"
         )
+    _fail(
+        f"--lr-warmup-iters={t.lr_warmup_iters} must be less than the decay length, "
+        f"--train-iters={t.train_iters} when --lr-decay-iters is not given {why}"
+    )
 
 
 def _validate_lengths(run: RunConfig) -> None:
@@ -140,6 +145,24 @@ def _validate_lengths(run: RunConfig) -> None:
         )
     if S > L:
         _fail(f"--seq-length={S} exceeds --target-length={L}: positions must stay below L")
+    _validate_extension(run)
+
+
+def _validate_extension(run: RunConfig) -> None:
+    """No implicit context extension: positions past the RoPE's original context need a scaling
+    or an explicit confirmation."""
+    ep, m = run.endprompt, run.model
+    if ep.position_mode == "contiguous" or m.rope_scaling.enabled or ep.allow_unscaled_extension:
+        return
+    original = m.rope_scaling.original_max_position_embeddings or m.seq_length
+    if run.target_length > original:
+        _fail(
+            f"--target-length={run.target_length} with --position-mode {ep.position_mode} trains "
+            f"positions up to {run.target_length - 1}, beyond the RoPE's original context "
+            f"({original}: --rope-original-max-position-embeddings, else --seq-length), with no "
+            "RoPE scaling: give one (--rope-scaling-type, or Megatron-LM's --use-rope-scaling / "
+            "--rotary-seq-len-interpolation-factor) or confirm with --allow-unscaled-extension"
+        )
 
 
 def _validate_backend(run: RunConfig) -> None:
@@ -151,8 +174,14 @@ def _validate_backend(run: RunConfig) -> None:
     if p.context_parallel_size > 1 and impl != "te":
         _fail("--context-parallel-size > 1 needs --transformer-impl te (TE's CP attention)")
     if run.device != "cpu":
+        if run.checkpoint.ckpt_format == "torch" and run.checkpoint.save:
+            _fail(
+                "--ckpt-format torch: the CUDA path saves torch_dist only (megatron-core "
+                "dist_checkpointing; it loads both formats)"
+            )
         return
     unsupported = {
+        "--fp16": t.fp16,
         "--pipeline-model-parallel-size > 1": p.pipeline_model_parallel_size > 1,
         "--context-parallel-size > 1": p.context_parallel_size > 1,
         "--sequence-parallel (gloo has no reduce-scatter)": p.sequence_parallel,
@@ -161,7 +190,8 @@ def _validate_backend(run: RunConfig) -> None:
         "--bf16": t.bf16,
         "--fp8-format": t.fp8_format is not None,
         "--recompute-granularity": t.recompute_granularity is not None,
-        "--params-dtype float16 (fp16 needs loss scaling)": run.model.params_dtype == "float16",
+        "--params-dtype float16 (fp16 needs loss scaling)": run.model.params_dtype == "float16"
+        and not t.fp16,
     }
     bad = [flag for flag, on in unsupported.items() if on]
     if bad:
@@ -177,11 +207,16 @@ def validate_run_config(run: RunConfig) -> None:
     Fills ``--global-batch-size`` (micro x DP) when it is None.
     """
     run.model.validate_against(run.parallel)
+    if run.training.eval_iters is None:  # Megatron-LM: no validation split, no validation
+        default = 100 if run.data.split_weights()[1] > 0 else 0
+        run.training = dataclasses.replace(run.training, eval_iters=default)
     _validate_batch(run)
     _validate_schedule(run)
     _validate_lengths(run)
     _validate_backend(run)
     if not run.data.data_path:
         _fail("--data-path is required (a Megatron .bin/.idx prefix, or weight/prefix pairs)")
-    if run.data.tokenizer_type != "ByteTokenizer" and not run.data.tokenizer_model:
+    needs_model = run.data.tokenizer_type not in ("ByteTokenizer", "NullTokenizer",
+                                                  "GPT2BPETokenizer")  # fmt: skip
+    if needs_model and not run.data.tokenizer_model:
         _fail(f"--tokenizer-type={run.data.tokenizer_type} needs --tokenizer-model")

@@ -8,7 +8,9 @@ validation in ``__post_init__`` raising ``ValueError`` that names the flag and t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from megatron_endprompt.config.model import _require
 from megatron_endprompt.positions import (
@@ -17,9 +19,15 @@ from megatron_endprompt.positions import (
     POSITION_MODES,
     TERMINAL_SOURCES,
     TERMINALS,
+    Placement,
+    PoseChunkSampler,
+    PositionMode,
+    Terminal,
+    TerminalSource,
 )
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+CkptFormat = Literal["torch_dist", "torch"]
+CKPT_FORMATS: tuple[str, ...] = get_args(CkptFormat)
 
 
 @dataclass
@@ -29,49 +37,85 @@ class DataConfig:
     data_path: list[str] = field(default_factory=list)
     """Megatron blend: PREFIX or W1 PREFIX1 W2 PREFIX2 ... (PREFIX without .bin/.idx)."""
     split: str = "969,30,1"
-    """Train/valid/test split of each prefix, as Megatron's --split."""
+    """Train/valid/test weights of each prefix, as Megatron-LM's --split (missing parts are 0:
+    "98,2" is 98,2,0)."""
     data_cache_path: str | None = None
     """Where dataset indices are cached (default: beside the data)."""
     tokenizer_type: str = "SentencePieceTokenizer"
-    """SentencePieceTokenizer | HuggingFaceTokenizer | ByteTokenizer."""
+    """Megatron-LM's tokenizer types (SentencePieceTokenizer, GPTSentencePieceTokenizer,
+    Llama2Tokenizer, HuggingFaceTokenizer, GPT2BPETokenizer, TikTokenizer, NullTokenizer) or
+    ByteTokenizer."""
     tokenizer_model: str | None = None
     """Tokenizer file (.model, tokenizer.json or its directory)."""
+    legacy_tokenizer: bool = False
+    """Megatron-LM's legacy tokenizer system (its ids, EOD and BOS rules differ)."""
+    vocab_file: str | None = None
+    """GPT2BPETokenizer vocab.json."""
+    merge_file: str | None = None
+    """GPT2BPETokenizer merges.txt."""
+    vocab_size: int | None = None
+    """NullTokenizer: ids below it, EOD = it; TikTokenizer: vocabulary size (default 2**17);
+    other tokenizers use their own size (as Megatron-LM)."""
+    vocab_extra_ids: int = 0
+    """Legacy SentencePieceTokenizer: <extra_id_0..N-1> appended to the vocabulary."""
+    tokenizer_special_tokens: list[str] | None = None
+    """HuggingFaceTokenizer / GPT2BPETokenizer (default system), TikTokenizer: special tokens."""
+    tiktoken_pattern: str | None = None
+    """TikTokenizer split pattern v1 or v2 (default v2; required with --legacy-tokenizer)."""
+    tiktoken_num_special_tokens: int = 1000
+    """TikTokenizer: ids reserved for special tokens below the BPE ranks."""
     eod_mask_loss: bool = False
     """Give the end-of-document label zero weight."""
-    num_workers: int = 1
+    num_workers: int = 2
     """DataLoader worker processes per reading rank."""
+    mmap_bin_files: bool = True
+    """Memory-map the .bin files (Megatron-LM's --no-mmap-bin-files reads them instead)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "--num-workers", self.num_workers, "must be >= 0")
-        parts = [p for p in self.split.replace("/", ",").split(",") if p.strip()]
-        ok = len(parts) == 3 and all(_is_number(p) and float(p) >= 0 for p in parts)
+        self.split_weights()
+
+    def tokenizer_options(self) -> dict:
+        """Keyword arguments of ``data.tokenizers.build_tokenizer`` besides type and model."""
+        return {
+            "legacy": self.legacy_tokenizer,
+            "vocab_file": self.vocab_file,
+            "merge_file": self.merge_file,
+            "vocab_size": self.vocab_size,
+            "vocab_extra_ids": self.vocab_extra_ids,
+            "special_tokens": self.tokenizer_special_tokens,
+            "tiktoken_pattern": self.tiktoken_pattern,
+            "tiktoken_num_special_tokens": self.tiktoken_num_special_tokens,
+        }
+
+    def split_weights(self) -> tuple[float, float, float]:
+        """The train/valid/test weights, read as megatron-core reads --split: the numbers in the
+        text (any separators), missing ones 0."""
+        parts = [float(p) for p in re.findall(r"[.0-9]+", self.split) if p != "."]
         _require(
-            ok and sum(float(p) for p in parts) > 0,
+            1 <= len(parts) <= 3 and sum(parts) > 0,
             "--split",
             self.split,
-            "must be three non-negative weights like 969,30,1",
+            "must be one to three non-negative weights like 969,30,1 or 98,2",
         )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+        parts += [0.0] * (3 - len(parts))
+        return parts[0], parts[1], parts[2]
 
 
 @dataclass
 class EndPromptConfig:
     """How training samples are laid out in position space (the method)."""
 
-    position_mode: str = "endprompt"
-    """contiguous | endprompt | pose | endprompt_pose."""
+    position_mode: PositionMode | None = None
+    """contiguous | endprompt | pose | endprompt_pose (default: endprompt when --target-length is
+    given, else contiguous: no context extension unless asked)."""
     target_length: int | None = None
     """Target context window L (positions reach L-1); default: --max-position-embeddings."""
-    terminal: str = "cue"
+    allow_unscaled_extension: bool = False
+    """Confirm a --target-length beyond the RoPE's original context with no RoPE scaling."""
+    terminal: Terminal = "cue"
     """cue: append a cue (paper) | tail: the sample's own last tokens (reference code)."""
-    placement: str = "fixed"
+    placement: Placement = "fixed"
     """fixed: terminal ends at L-1 | random: terminal start drawn per sample."""
     cues: list[str] | None = None
     """Cue strings (default: the paper's EP_1 sentence, 'End.', and the end-of-document token)."""
@@ -81,15 +125,17 @@ class EndPromptConfig:
     """Loss weight of terminal predictions (default 0.1 for cue, 1.0 for tail)."""
     pose_num_chunks: int = 2
     """PoSE chunks (pose and endprompt_pose modes)."""
-    terminal_source: str = "contiguous"
+    terminal_source: TerminalSource = "contiguous"
     """Tail text: contiguous (the t tokens after the context) | document_end (its document's last
     t tokens after a gap, the reference code's random mode); tail terminal only."""
-    pose_chunk_sampler: str = "paper"
+    pose_chunk_sampler: PoseChunkSampler = "paper"
     """PoSE first-chunk length: paper (l0 ~ U{1..S-1}) | reference (l0 ~ U{1..(S+1)//2})."""
     pose_skip_text: bool = False
     """PoSE: skip a random stretch of text before each later chunk (reference code's v)."""
 
     def __post_init__(self) -> None:
+        if self.position_mode is None:
+            self.position_mode = "contiguous" if self.target_length is None else "endprompt"
         _require(
             self.position_mode in POSITION_MODES,
             "--position-mode",
@@ -180,138 +226,6 @@ class EndPromptConfig:
 
 
 @dataclass
-class TrainingConfig:
-    """Batch sizes, schedule, optimizer and numerics."""
-
-    micro_batch_size: int = 1
-    """Samples per micro-batch per data-parallel rank."""
-    global_batch_size: int | None = None
-    """Samples per iteration over all data-parallel ranks (default: micro x DP)."""
-    train_iters: int | None = None
-    """Iterations to train (or give --train-samples)."""
-    train_samples: int | None = None
-    """Samples to train; iterations = train_samples / global batch."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    min_lr: float = 0.0
-    """Learning rate at the end of decay."""
-    lr_warmup_iters: int = 0
-    """Linear warmup iterations."""
-    lr_decay_style: str = "cosine"
-    """constant | linear | cosine | inverse-square-root | WSD."""
-    lr_decay_iters: int | None = None
-    """Iterations over which the rate decays (default: all training iterations)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    clip_grad: float = 1.0
-    """Gradient-norm clipping threshold (0 disables)."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.95
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    seed: int = 1234
-    """Seed of initialisation, data order and layouts."""
-    bf16: bool = False
-    """bf16 parameters and compute (fp32 master weights in the optimizer)."""
-    fp8_format: str | None = None
-    """Transformer Engine FP8: e4m3 | hybrid (needs --transformer-impl te)."""
-    fp8_recipe: str = "delayed"
-    """TE FP8 recipe: delayed | tensorwise | mxfp8 | blockwise."""
-    recompute_granularity: str | None = None
-    """Activation recomputation: selective | full."""
-    recompute_method: str = "uniform"
-    """full recompute: uniform | block."""
-    recompute_num_layers: int = 1
-    """full recompute: layers per recompute unit."""
-    eval_interval: int = 0
-    """Validate every N iterations (0: only at the end when --eval-iters > 0)."""
-    eval_iters: int = 0
-    """Validation micro-batch iterations per evaluation."""
-    exit_interval: int | None = None
-    """Save a checkpoint and exit once the iteration number is divisible by N."""
-
-    def __post_init__(self) -> None:
-        _require(
-            self.micro_batch_size >= 1, "--micro-batch-size", self.micro_batch_size, "must be >= 1"
-        )
-        _require(
-            (self.train_iters is None) != (self.train_samples is None),
-            "--train-iters",
-            self.train_iters,
-            "give exactly one of --train-iters and "
-            f"--train-samples (got --train-samples={self.train_samples})",
-        )
-        for flag, value in (
-            ("--global-batch-size", self.global_batch_size),
-            ("--train-iters", self.train_iters),
-            ("--train-samples", self.train_samples),
-        ):
-            _require(value is None or value >= 1, flag, value, "must be >= 1")
-        self._check_schedule()
-        self._check_numerics()
-        _require(
-            self.eval_interval >= 0 and self.eval_iters >= 0,
-            "--eval-interval",
-            self.eval_interval,
-            "--eval-interval and --eval-iters must be >= 0",
-        )
-        if self.exit_interval is not None:
-            _require(self.exit_interval >= 1, "--exit-interval", self.exit_interval, "must be >= 1")
-
-    def _check_schedule(self) -> None:
-        """Learning rate, its schedule and the optimizer's constants."""
-        _require(
-            self.lr_decay_iters is None or self.lr_decay_iters >= 1,
-            "--lr-decay-iters",
-            self.lr_decay_iters,
-            "must be >= 1 (megatron-core's OptimizerParamScheduler asserts lr_decay_steps > 0)",
-        )
-        _require(self.lr > 0, "--lr", self.lr, "must be > 0")
-        _require(0 <= self.min_lr <= self.lr, "--min-lr", self.min_lr, "must be in [0, --lr]")
-        _require(
-            self.lr_warmup_iters >= 0, "--lr-warmup-iters", self.lr_warmup_iters, "must be >= 0"
-        )
-        _require(
-            self.lr_decay_style in LR_DECAY_STYLES,
-            "--lr-decay-style",
-            self.lr_decay_style,
-            f"must be one of {', '.join(LR_DECAY_STYLES)}",
-        )
-        _require(self.clip_grad >= 0, "--clip-grad", self.clip_grad, "must be >= 0")
-        _require(0 <= self.adam_beta1 < 1, "--adam-beta1", self.adam_beta1, "must be in [0, 1)")
-        _require(0 <= self.adam_beta2 < 1, "--adam-beta2", self.adam_beta2, "must be in [0, 1)")
-
-    def _check_numerics(self) -> None:
-        """FP8 format and recipe, activation recomputation."""
-        _require(
-            self.fp8_format in (None, "e4m3", "hybrid"),
-            "--fp8-format",
-            self.fp8_format,
-            "must be e4m3 or hybrid",
-        )
-        _require(
-            self.fp8_recipe in ("delayed", "tensorwise", "mxfp8", "blockwise"),
-            "--fp8-recipe",
-            self.fp8_recipe,
-            "must be delayed, tensorwise, mxfp8 or blockwise",
-        )
-        _require(
-            self.recompute_granularity in (None, "selective", "full"),
-            "--recompute-granularity",
-            self.recompute_granularity,
-            "must be selective or full",
-        )
-        _require(
-            self.recompute_method in ("uniform", "block"),
-            "--recompute-method",
-            self.recompute_method,
-            "must be uniform or block",
-        )
-
-
-@dataclass
 class CheckpointConfig:
     """Saving, loading and resuming."""
 
@@ -334,12 +248,33 @@ class CheckpointConfig:
     flag; --finetune always fails then)."""
     exit_signal_handler: bool = True
     """On SIGTERM: save a checkpoint and exit 0."""
+    ckpt_format: CkptFormat = "torch_dist"
+    """torch_dist (megatron-core dist_checkpointing; CUDA path) | torch (one file per
+    TP/PP shard). The CPU path always writes torch: megatron-core's dist writer needs CUDA."""
+    use_checkpoint_args: bool = False
+    """Take the model shape from the --load checkpoint's recorded arguments (Megatron-LM's
+    args, or this package's model config) instead of the shape flags."""
     dist_ckpt_optim_fully_reshardable: bool = False
     """CUDA, --use-distributed-optimizer: store the optimizer state so it loads at any TP/PP
     (gathered on DP rank 0; Megatron-LM's flag). Default: reshardable along DP only."""
 
     def __post_init__(self) -> None:
+        if self.save_interval is None:
+            self.save_interval = 0
         _require(self.save_interval >= 0, "--save-interval", self.save_interval, "must be >= 0")
+        _require(
+            self.ckpt_format in CKPT_FORMATS,
+            "--ckpt-format",
+            self.ckpt_format,
+            f"must be one of {', '.join(CKPT_FORMATS)} (torch_dcp and fsdp_dtensor are not "
+            "supported)",
+        )
+        _require(
+            not self.use_checkpoint_args or self.load is not None,
+            "--use-checkpoint-args",
+            True,
+            "needs --load",
+        )
         if self.keep_last is not None:
             _require(self.keep_last >= 1, "--keep-last", self.keep_last, "must be >= 1")
 
@@ -348,7 +283,7 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console and TensorBoard."""
 
-    log_interval: int = 10
+    log_interval: int = 100
     """Print and record metrics every N iterations."""
     tensorboard_dir: str | None = None
     """TensorBoard event directory (default: no TensorBoard)."""

@@ -5,9 +5,15 @@ Megatron side written by the import (the per-shard format of
 
     OUT/latest_checkpointed_iteration.txt          "0"
     OUT/model_config.json                          ModelConfig as JSON (rope_scaling included)
-    OUT/iter_0000000/mp_rank_TT_PPP/model_optim_rng.pt
-        {"model": that rank's state dict, "iteration": 0, "consumed_samples": 0,
-         "format": "megatron_endprompt/v1", "model_config": {...}}
+    OUT/iter_0000000/mp_rank_TT[_PPP]/model_optim_rng.pt   (Megatron-LM's folder names)
+        {"model": that rank's state dict, "args": Megatron-LM's namespace, "checkpoint_version":
+         3.0, "iteration": 0, "consumed_samples": 0, "format": ..., "model_config": {...}}
+
+The model's key names are those of ``transformer_impl``: ``te`` (the default, as Megatron-LM's
+default ``--transformer-impl transformer_engine``): norms fused into ``linear_qkv`` /
+``linear_fc1`` (``..._layer_norm_weight``) plus ``None`` ``_extra_state`` entries for every TE
+module, so Megatron-LM's strict load finds every key; ``local``: ``input_layernorm.weight``,
+``pre_mlp_layernorm.weight``. Our loaders map either set to either spec.
 
 megatron-core numbers decoder layers locally per pipeline stage (``decoder.layers.0`` is the first
 layer of every stage), so stage p holds global layers ``p * n/PP .. (p+1) * n/PP - 1``. With tied
@@ -46,7 +52,8 @@ from megatron_endprompt.checkpoint import (
     TRACKER,
     iteration_dir,
 )
-from megatron_endprompt.checkpoint.layout import write_checksum
+from megatron_endprompt.checkpoint.layout import shard_dir_name, write_checksum
+from megatron_endprompt.checkpoint.megatron_lm import CHECKPOINT_VERSION, conversion_args
 from megatron_endprompt.checkpoint.stored import StoredCheckpoint, open_checkpoint
 from megatron_endprompt.checkpoint.weights import (
     check_shapes,
@@ -150,6 +157,21 @@ def _megatron_shard(
     return out
 
 
+_TE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
+               "self_attention.core_attention", "mlp.linear_fc1", "mlp.linear_fc2")  # fmt: skip
+
+
+def _te_extra_states(m: ModelConfig, sd: Mapping[str, torch.Tensor]) -> dict[str, None]:
+    """The ``_extra_state`` keys a megatron-core TE-spec model has (None: no FP8 metadata)."""
+    if m.transformer_impl != "te":
+        return {}
+    layers = sorted({k.split(".")[2] for k in sd if k.startswith("decoder.layers.")}, key=int)
+    out = {f"decoder.layers.{i}.{mod}._extra_state": None for i in layers for mod in _TE_MODULES}
+    if "output_layer.weight" in sd:
+        out["output_layer._extra_state"] = None
+    return out
+
+
 def _hf_model_config(input_dir: str, seq_length: int | None, **overrides: Any) -> ModelConfig:
     path = os.path.join(input_dir, "config.json")
     if not os.path.isfile(path):
@@ -208,18 +230,20 @@ def convert_hf_to_megatron(
     if not m.untie_embeddings_and_output_weights:
         found.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
     check_shapes(found, hf_shapes(m), f"--input={input_dir}")
-    config = m.to_dict()
+    config, args = m.to_dict(), conversion_args(m, tp, pp)
     bar = tqdm(total=m.num_layers * tp, unit="layer", disable=not progress, dynamic_ncols=True)
     with bar, staged_output(output_dir, force) as tmp:
         for pp_rank in range(pp):
             expected = megatron_shard_shapes(m, tp, pp, pp_rank)
             for tp_rank in range(tp):
-                name = f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+                name = shard_dir_name(tp_rank, pp_rank, pp)
                 bar.set_description(name)
                 sd = _megatron_shard(reader, m, (tp, tp_rank), (pp, pp_rank), bar)
                 check_shapes({k: v.shape for k, v in sd.items()}, expected, name)
+                sd |= _te_extra_states(m, sd)
                 os.makedirs(os.path.join(iteration_dir(tmp, 0), name))
-                state = {"model": sd, "iteration": 0, "consumed_samples": 0, "format": FORMAT,
+                state = {"model": sd, "args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                         "iteration": 0, "consumed_samples": 0, "format": FORMAT,
                          "model_config": config}  # fmt: skip
                 shard_path = os.path.join(iteration_dir(tmp, 0), name, SHARD_FILE)
                 torch.save(state, shard_path)

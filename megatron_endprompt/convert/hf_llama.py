@@ -221,6 +221,11 @@ def _check_llama_shape(model_config: ModelConfig) -> None:
         raise ValueError("state-dict conversion supports RMSNorm models without linear biases")
     if not model_config.swiglu:
         raise ValueError("--swiglu=False: state-dict conversion supports SwiGLU MLPs only")
+    if model_config.layernorm_zero_centered_gamma:
+        raise ValueError(
+            "--apply-layernorm-1p: norm weights are stored as gamma - 1; Llama checkpoints store "
+            "gamma, and this conversion does not shift them"
+        )
 
 
 def fuse_qkv(

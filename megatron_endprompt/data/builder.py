@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.object_storage_utils import is_object_storage_path
@@ -119,8 +120,6 @@ def _tensor_rank() -> int:
     """Tensor-parallel rank from parallel_state, or 0 without model parallelism."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 0
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return 0
     return parallel_state.get_tensor_model_parallel_rank()

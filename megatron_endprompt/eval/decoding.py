@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.attention import SelfAttention
 
 # Free cache rows allocated beyond the prompt: the generated answer (a few tokens) fits.
 _HEADROOM = 64
@@ -71,9 +73,6 @@ class MegatronLogitsFn:
     def __init__(self, model: torch.nn.Module, device: str | torch.device, vocab_size: int):
         if not (model.pre_process and model.post_process):
             raise ValueError("evaluation needs the whole model on one pipeline stage (PP = 1)")
-        from megatron.core.inference.contexts import StaticInferenceContext
-        from megatron.core.transformer.attention import SelfAttention
-
         self.model, self.device, self.vocab_size = model, torch.device(device), vocab_size
         self._layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
         self._context = StaticInferenceContext(max_batch_size=1, max_sequence_length=0)

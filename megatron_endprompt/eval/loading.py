@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_endprompt import device as dev
 from megatron_endprompt.checkpoint.stored import open_checkpoint, rank_state_dict
@@ -234,8 +235,6 @@ def _read_indexed(
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
             raise FileNotFoundError(f"--ppl-data {prefix}: {prefix + ext} is missing")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     dataset = IndexedDataset(prefix)
     docs, windows = [], 0
     order = range(len(dataset) - 1, -1, -1) if from_end else range(len(dataset))

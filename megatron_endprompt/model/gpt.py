@@ -14,13 +14,15 @@ from __future__ import annotations
 import torch
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import is_te_min_version
 
 from megatron_endprompt import device
 from megatron_endprompt.config import ModelConfig, ParallelConfig
 from megatron_endprompt.model.rotary import PositionRotaryEmbedding
-from megatron_endprompt.model.specs import get_layer_spec
+from megatron_endprompt.model.specs import get_layer_spec, zero_centered_block_spec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,8 +152,6 @@ def _check_backend(
     if apply_rope_fusion and impl != "te":
         raise ValueError("apply_rope_fusion needs --transformer-impl te")
     if impl == "te" and rotary.attention_scaling != 1.0:
-        from megatron.core.utils import is_te_min_version
-
         # Older TE ignores megatron's softmax_scale, which carries the YaRN temperature.
         if not is_te_min_version("1.10.0"):
             raise ValueError("--rope-scaling-type yarn with --transformer-impl te needs TE >= 1.10")
@@ -193,6 +193,7 @@ def transformer_config(
         kv_channels=model_config.kv_channels,
         normalization=model_config.normalization,
         layernorm_epsilon=model_config.norm_epsilon,
+        layernorm_zero_centered_gamma=model_config.layernorm_zero_centered_gamma,
         gated_linear_unit=model_config.swiglu,
         activation_func=F.silu if model_config.swiglu else F.gelu,
         add_bias_linear=model_config.add_bias_linear,
@@ -254,8 +255,6 @@ def build_model(
     Raises:
         ValueError: On configs that do not fit the layout; ImportError for te without TE.
     """
-    from megatron.core import parallel_state as ps
-
     parallel_config = parallel_config or ParallelConfig()
     # The spec first: a missing Transformer Engine gets our install hint, not megatron's error.
     spec = get_layer_spec(model_config.transformer_impl, model_config.normalization)
@@ -267,6 +266,9 @@ def build_model(
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if model_config.layernorm_zero_centered_gamma and model_config.transformer_impl == "local":
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        spec = zero_centered_block_spec(spec, config, vp_stage, pp_rank)
     tp = parallel_config.tensor_model_parallel_size
     model = EndPromptGPTModel(
         config,

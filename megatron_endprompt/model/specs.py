@@ -13,10 +13,20 @@ from __future__ import annotations
 
 import copy
 
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_endprompt.config import TRANSFORMER_IMPLS
 from megatron_endprompt.model.attention import SDPACoreAttention
+from megatron_endprompt.model.norms import LocalNorm
 
 TE_MISSING = (
     "--transformer-impl te needs NVIDIA Transformer Engine; install the te extra: "
@@ -37,8 +47,6 @@ def get_local_layer_spec(normalization: str = "RMSNorm") -> ModuleSpec:
     Args:
         normalization: "RMSNorm" or "LayerNorm" (torch norms via megatron's WrappedTorchNorm).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
@@ -51,10 +59,6 @@ def get_te_layer_spec() -> ModuleSpec:
         ImportError: If Transformer Engine is not installed, saying how to install it.
     """
     _require_transformer_engine()
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     return get_gpt_layer_with_transformer_engine_spec()
 
 
@@ -79,3 +83,18 @@ def get_layer_spec(transformer_impl: str, normalization: str = "RMSNorm") -> Mod
     raise ValueError(
         f"--transformer-impl={transformer_impl!r}: must be one of {', '.join(TRANSFORMER_IMPLS)}"
     )
+
+
+def zero_centered_block_spec(
+    layer_spec: ModuleSpec, config: TransformerConfig, vp_stage: int | None, pp_rank: int
+) -> TransformerBlockSubmodules:
+    """The local spec's block with :class:`LocalNorm` everywhere (``--apply-layernorm-1p``).
+
+    megatron-core builds the final norm of a block from a layer spec with its WrappedTorchNorm,
+    which refuses zero-centred gamma; a block spec names the norm itself.
+    """
+    layer = copy.deepcopy(layer_spec)
+    layer.submodules.input_layernorm = LocalNorm
+    layer.submodules.pre_mlp_layernorm = LocalNorm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=LocalNorm)

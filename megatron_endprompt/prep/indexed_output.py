@@ -31,10 +31,18 @@ class StagedIndexedDataset:
         self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=dtype)
         self.finalized = False
 
-    def add_document(self, ids: np.ndarray) -> None:
-        """One document of one sequence (``add_item`` + ``end_document``, as Megatron-LM)."""
-        _naming_path(self.tmp_bin, lambda: self.builder.add_item(torch.from_numpy(ids)))
-        self.builder.end_document()
+    def add_document(self, ids: np.ndarray, lengths: list[int] | None = None) -> None:
+        """One document: one sequence (``add_item`` + ``end_document``, as Megatron-LM), or
+        one sequence per entry of ``lengths`` (``add_document``, Megatron-LM's sentences)."""
+        if lengths is None or len(lengths) == 1:
+            _naming_path(self.tmp_bin, lambda: self.builder.add_item(torch.from_numpy(ids)))
+            self.builder.end_document()
+        else:
+            _naming_path(self.tmp_bin, lambda: self.builder.add_document(ids, lengths))
+
+    def add_index(self, prefix: str) -> None:
+        """Append a finished ``prefix.{bin,idx}`` pair (Megatron-LM's partition merge)."""
+        _naming_path(self.tmp_bin, lambda: self.builder.add_index(prefix))
 
     def finalize(self) -> None:
         """Write the index and close the data file, still under the temporary names."""

@@ -1,9 +1,12 @@
-"""JSONL -> Megatron indexed binary (``PREFIX_<key>_document.{bin,idx}``).
+"""JSONL -> Megatron indexed binary (``PREFIX_<key>_<level>.{bin,idx}``).
 
-The output is what Megatron-LM's ``tools/preprocess_data.py`` writes without
-``--split-sentences``: one sequence per document, written with megatron-core's
-``IndexedDatasetBuilder`` in ``DType.optimal_dtype(vocab_size)``, optionally ending in the EOD
-token. Megatron-LM reads it unchanged, and this package reads Megatron-LM's.
+The output is what Megatron-LM core_v0.16.1's ``tools/preprocess_data.py`` writes for the same
+flags: level ``document`` (one sequence per document) or, with ``split_sentences``, ``sentence``
+(one sequence per sentence, ``prep.sentences``), written with megatron-core's
+``IndexedDatasetBuilder`` in ``DType.optimal_dtype(vocab_size)``, the EOD token (optionally)
+closing the last sentence; ``partitions`` reproduces its document order (``prep.partitions``).
+The tokenizer follows the same flags (``data.tokenizers.build_tokenizer``). Megatron-LM reads
+the output unchanged, and this package reads Megatron-LM's.
 
 Each JSONL line is one document. A line is written only if every ``--json-keys`` value is usable,
 so all outputs of one run have the same document count. Bad lines are counted skips (reasons in
@@ -33,7 +36,8 @@ from tqdm import tqdm
 
 from megatron_endprompt.data.tokenizers import build_tokenizer
 from megatron_endprompt.prep.files import expand_inputs
-from megatron_endprompt.prep.indexed_output import StagedIndexedDataset, publish_all
+from megatron_endprompt.prep.partitions import PartitionRouter, StagedOutputs, count_lines
+from megatron_endprompt.prep.sentences import SentenceSplitter
 
 SKIP_REASONS = (
     "malformed_json",
@@ -42,6 +46,7 @@ SKIP_REASONS = (
     "empty_text",
     "invalid_utf8",
     "empty_after_tokenize",
+    "invalid_ids",
 )
 MAX_WARNINGS = 20
 """Skip warnings printed per run; the rest are counted in one closing line."""
@@ -64,7 +69,9 @@ class PreprocessStats:
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     """Skipped lines per reason."""
     outputs: dict[str, str] = field(default_factory=dict)
-    """Output path prefix (``PREFIX_<key>_document``) per JSON key."""
+    """Output path prefix (``PREFIX_<key>_<level>``) per JSON key."""
+    notes: list[str] = field(default_factory=list)
+    """One-line remarks on the tokenizer and flags (printed to stderr by the run)."""
     warnings: list[str] = field(default_factory=list)
     """The first ``MAX_WARNINGS`` skip warnings."""
     elapsed_s: float = 0.0
@@ -87,9 +94,9 @@ class PreprocessStats:
         )
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    """Megatron-LM's output naming: ``PREFIX_<key>_document``."""
-    return f"{output_prefix}_{key}_document"
+def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> str:
+    """Megatron-LM's output naming: ``PREFIX_<key>_<level>``, level ``document``/``sentence``."""
+    return f"{output_prefix}_{key}_{level}"
 
 
 # Per-process encoder state, built once per worker by ``_init_encoder`` (and once in-process
@@ -97,13 +104,15 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 _ENCODER: dict = {}
 
 
-def _init_encoder(tokenizer_type: str, tokenizer_model, json_keys, append_eod: bool) -> None:
-    tok = build_tokenizer(tokenizer_type, tokenizer_model)
+def _init_encoder(tokenizer_type: str, tokenizer_model, tokenizer_options: dict, json_keys,
+                  append_eod: bool, splitter_options: dict | None) -> None:  # fmt: skip
+    tok = build_tokenizer(tokenizer_type, tokenizer_model, **tokenizer_options)
     _ENCODER.update(
         tokenizer=tok,
         keys=tuple(json_keys),
         eod=tok.eod if append_eod else None,
         dtype=DType.optimal_dtype(tok.vocab_size),
+        splitter=SentenceSplitter(**splitter_options) if splitter_options else None,
     )
 
 
@@ -114,8 +123,32 @@ def _init_worker(*init_args) -> None:
     _init_encoder(*init_args)
 
 
-def _encode_line(raw: bytes) -> tuple[str, str] | list[np.ndarray]:
-    """Token arrays (one per key) of one JSONL line, or ``(skip reason, detail)``."""
+def _encode_text(key: str, text: str) -> tuple[str, str] | tuple[np.ndarray, list[int]]:
+    """Ids and sentence lengths of one text (EOD closing the last sentence), or a skip."""
+    splitter = _ENCODER["splitter"]
+    sentences = splitter.split(text) if splitter is not None else [text]
+    ids: list[int] = []
+    lengths: list[int] = []
+    try:
+        for sentence in sentences:
+            sentence_ids = _ENCODER["tokenizer"].tokenize(sentence)
+            if len(sentence_ids) > 0:  # Megatron-LM drops sentences without tokens
+                ids.extend(sentence_ids)
+                lengths.append(len(sentence_ids))
+    except UnicodeEncodeError as err:  # JSON "\ud800" escapes decode to lone surrogates
+        return "invalid_utf8", f"{key!r}: {err}"
+    except ValueError as err:  # NullTokenizer: text that is not ids
+        return "invalid_ids", f"{key!r}: {err}"
+    if not ids:
+        return "empty_after_tokenize", f"{key!r} has no tokens"
+    if _ENCODER["eod"] is not None:
+        ids.append(_ENCODER["eod"])
+        lengths[-1] += 1
+    return np.asarray(ids, dtype=_ENCODER["dtype"]), lengths
+
+
+def _encode_line(raw: bytes) -> tuple[str, str] | list[tuple[np.ndarray, list[int]]]:
+    """``(ids, sentence lengths)`` per key of one JSONL line, or ``(skip reason, detail)``."""
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -137,15 +170,10 @@ def _encode_line(raw: bytes) -> tuple[str, str] | list[np.ndarray]:
             return "not_string", f"{key!r} is {type(text).__name__}, not a string"
         if not text:
             return "empty_text", f"{key!r} is empty"
-        try:
-            ids = _ENCODER["tokenizer"].tokenize(text)
-        except UnicodeEncodeError as err:  # JSON "\ud800" escapes decode to lone surrogates
-            return "invalid_utf8", f"{key!r}: {err}"
-        if len(ids) == 0:
-            return "empty_after_tokenize", f"{key!r} has no tokens"
-        if _ENCODER["eod"] is not None:
-            ids = [*ids, _ENCODER["eod"]]
-        docs.append(np.asarray(ids, dtype=_ENCODER["dtype"]))
+        encoded = _encode_text(key, text)
+        if isinstance(encoded[0], str):
+            return encoded
+        docs.append(encoded)
     return docs
 
 
@@ -191,46 +219,34 @@ def _encoded(chunks: Iterator, workers: int, init_args: tuple) -> Iterator[list]
             yield pending.popleft().get()
 
 
-class _Outputs:
-    """One staged indexed dataset per key; all published together, or all aborted."""
-
-    def __init__(self, output_prefix: str, keys: Sequence[str], dtype: type) -> None:
-        self.prefixes = {k: output_prefix_for(output_prefix, k) for k in keys}
-        self.staged: list[StagedIndexedDataset] = []
-        try:
-            for prefix in self.prefixes.values():
-                self.staged.append(StagedIndexedDataset(prefix, dtype))
-        except BaseException:
-            self.abort()
-            raise
-
-    def add(self, docs: list[np.ndarray]) -> None:
-        for staged, ids in zip(self.staged, docs):
-            staged.add_document(ids)
-
-    def publish(self) -> None:
-        publish_all(self.staged)  # every key's pair is complete before any is renamed
-
-    def abort(self) -> None:
-        for staged in self.staged:
-            staged.abort()
-
-
-def _validate(
-    output_prefix: str, json_keys: Sequence[str], workers: int, chunk_size: int, log_interval: int
-) -> None:
+def _validate(output_prefix: str, json_keys: Sequence[str], ints: dict[str, int]) -> None:
     if not json_keys or len(set(json_keys)) != len(json_keys) or not all(json_keys):
         raise PreprocessError(f"--json-keys must be distinct non-empty keys, got {json_keys}")
-    for flag, value in (
-        ("--workers", workers),
-        ("--chunk-size", chunk_size),
-        ("--log-interval", log_interval),
-    ):
+    for flag, value in ints.items():
         if value < 1:
             raise PreprocessError(f"{flag} must be >= 1, got {value}")
+    if ints["--workers"] % ints["--partitions"]:
+        raise PreprocessError(
+            f"--workers ({ints['--workers']}) must be a multiple of --partitions "
+            f"({ints['--partitions']}), as in Megatron-LM"
+        )
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise PreprocessError(f"--output-prefix {output_prefix}: directory {out_dir} not found")
+
+
+def _flag_notes(options: dict, split_sentences: bool, keep_newlines: bool, partitions: int,
+                keep_sequential_samples: bool) -> list[str]:  # fmt: skip
+    """Flags that, as in Megatron-LM, do nothing in this combination."""
+    notes = []
+    if keep_newlines and not split_sentences:
+        notes.append("--keep-newlines has no effect without --split-sentences")
+    if keep_sequential_samples and partitions == 1:
+        notes.append("--keep-sequential-samples has no effect with --partitions 1")
+    if options.get("vocab_extra_ids"):
+        notes.append("--vocab-extra-ids is ignored: Megatron-LM's preprocess_data.py sets it to 0")
+        options["vocab_extra_ids"] = 0
+    return notes
 
 
 class _Reporter:
@@ -276,8 +292,14 @@ def preprocess_jsonl(
     strict: bool = False,
     chunk_size: int = 64,
     progress: bool = True,
+    tokenizer_options: dict | None = None,
+    split_sentences: bool = False,
+    keep_newlines: bool = False,
+    lang: str = "english",
+    partitions: int = 1,
+    keep_sequential_samples: bool = False,
 ) -> PreprocessStats:
-    """Tokenize JSONL files into Megatron ``PREFIX_<key>_document.{bin,idx}`` pairs.
+    """Tokenize JSONL files into Megatron ``PREFIX_<key>_<level>.{bin,idx}`` pairs.
 
     Args:
         inputs: JSONL files or globs (``--input``).
@@ -291,30 +313,68 @@ def preprocess_jsonl(
         strict: Fail on the first bad line instead of skipping it (``--strict``).
         chunk_size: Lines per task sent to a worker (``--chunk-size``).
         progress: Show the progress bar on stderr.
+        tokenizer_options: Keyword arguments of ``build_tokenizer`` (``legacy``,
+            ``vocab_file``, ...); ``vocab_extra_ids`` is ignored, as in Megatron-LM.
+        split_sentences: One sequence per sentence, outputs ``PREFIX_<key>_sentence``.
+        keep_newlines: Sentences keep the newlines after them (with ``split_sentences``).
+        lang: punkt language for ``split_sentences`` (``--lang``).
+        partitions: Megatron-LM's ``--partitions`` (its document order; ``prep.partitions``).
+        keep_sequential_samples: Partitions are consecutive blocks (input order kept).
 
     Returns:
-        Counts, per-key output prefixes and elapsed time.
+        Counts, per-key output prefixes, notes and elapsed time.
 
     Raises:
         PreprocessError: Bad settings, a bad line under ``strict``, or no documents written.
         FileNotFoundError: A missing input or tokenizer model.
     """
-    _validate(output_prefix, json_keys, workers, chunk_size, log_interval)
+    ints = {"--workers": workers, "--chunk-size": chunk_size, "--log-interval": log_interval,
+            "--partitions": partitions}  # fmt: skip
+    _validate(output_prefix, json_keys, ints)
+    options = dict(tokenizer_options or {})
+    notes = _flag_notes(options, split_sentences, keep_newlines, partitions,
+                        keep_sequential_samples)  # fmt: skip
     paths = expand_inputs(inputs)
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast, before any worker
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, **options)  # fail fast
+    splitter_options = dict(lang=lang, keep_newlines=keep_newlines) if split_sentences else None
+    if splitter_options:
+        SentenceSplitter(**splitter_options)  # missing nltk / punkt data: fail before any work
     stats = PreprocessStats(tokens_per_key=dict.fromkeys(json_keys, 0))
-    outputs = _Outputs(output_prefix, json_keys, DType.optimal_dtype(tokenizer.vocab_size))
+    stats.notes = [*tokenizer.notes, *notes]
+    for note in stats.notes:
+        print(f"note: {note}", file=sys.stderr)
+    level = "sentence" if split_sentences else "document"
+    prefixes = {k: output_prefix_for(output_prefix, k, level) for k in json_keys}
+    route = PartitionRouter(partitions, keep_sequential_samples,
+                            count_lines(paths) if keep_sequential_samples else 0)  # fmt: skip
+    outputs = StagedOutputs(prefixes, DType.optimal_dtype(tokenizer.vocab_size), partitions)
+    init_args = (tokenizer_type, tokenizer_model, options, tuple(json_keys), append_eod,
+                 splitter_options)  # fmt: skip
+    try:
+        _run(paths, chunk_size, workers, init_args, route, outputs, stats, strict, progress,
+             log_interval)  # fmt: skip
+    except BaseException:
+        outputs.abort()
+        raise
+    stats.outputs = dict(prefixes)
+    return stats
+
+
+def _run(paths, chunk_size, workers, init_args, route, outputs, stats, strict, progress,
+         log_interval) -> None:  # fmt: skip
+    """Encode every line, write the documents, publish (the caller aborts on failure)."""
     reporter = _Reporter(stats, strict, progress, log_interval)
-    init_args = (tokenizer_type, tokenizer_model, tuple(json_keys), append_eod)
+    line = 0
     try:
         for results in _encoded(_read_chunks(paths, chunk_size), workers, init_args):
             for file_i, lineno, result in results:
+                partition, line = route(line), line + 1
                 if isinstance(result, tuple):
                     reporter.skip(f"{paths[file_i]}:{lineno}", *result)
                     continue
-                outputs.add(result)
+                outputs.add(result, partition)
                 stats.documents += 1
-                for key, ids in zip(json_keys, result):
+                for key, (ids, _) in zip(stats.tokens_per_key, result):
                     stats.tokens_per_key[key] += len(ids)
                     stats.tokens += len(ids)
                 reporter.written()
@@ -323,10 +383,5 @@ def preprocess_jsonl(
                 f"no documents written: all {stats.total_skipped} lines of --input were skipped"
             )
         outputs.publish()
-    except BaseException:
-        outputs.abort()
-        raise
     finally:
         reporter.close()
-    stats.outputs = dict(outputs.prefixes)
-    return stats

@@ -1,6 +1,7 @@
 """The backend seam: build, train_step, evaluate, save, load; two implementations.
 
-* :class:`LocalBackend` (CPU): gloo, torch DDP, torch AdamW, the per-shard checkpoint format.
+* :class:`LocalBackend` (CPU): gloo, torch DDP, torch AdamW, the per-shard checkpoint format
+  (Megatron-LM's legacy ``torch`` layout; ``torch_dist`` checkpoints load their weights too).
 * :class:`MegatronBackend` (CUDA): megatron-core DDP, (distributed) optimizer, pipeline
   schedules, ``dist_checkpointing``.
 
@@ -21,6 +22,7 @@ import torch
 
 from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.checkpoint import dist as dist_checkpoint
+from megatron_endprompt.checkpoint.resume import resume_local
 from megatron_endprompt.device import backend_kind
 from megatron_endprompt.model.gpt import build_model
 from megatron_endprompt.training import megatron_step
@@ -76,30 +78,24 @@ class LocalBackend(_BackendState):
             model = torch.nn.parallel.DistributedDataParallel(module, process_group=rt.dp_group)
         t = run.training
         betas = (t.adam_beta1, t.adam_beta2)
-        optimizer = build_adamw(module, t.lr, t.weight_decay, betas, t.adam_eps)
+        optimizer = build_adamw(
+            module, t.lr, t.weight_decay, betas, t.adam_eps, t.decoupled_lr, t.decoupled_min_lr
+        )
         scheduler = build_scheduler_for_run(run, optimizer)
         return TrainingObjects(tokenizer, [model], [module], optimizer, scheduler)
 
     def load(self, objs: TrainingObjects) -> TrainState:
         c, rt = self.run.checkpoint, self.rt
-        shard = ckpt.load_checkpoint(c.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0))
-        if shard is None:
-            raise FileNotFoundError(f"--load={c.load}: no checkpoint (its tracker is gone)")
-        ckpt.load_model_weights(objs.module[0], shard, c.load, self.run.model)
-        if c.finetune:
-            return TrainState()
-        if not c.no_load_optim and "optimizer" in shard:
-            objs.optimizer.load_state_dict(shard["optimizer"])
-            objs.scheduler.load_state_dict(shard["scheduler"])
-        if not c.no_load_rng and "rng" in shard:
-            ckpt.set_rng_state(shard["rng"])
-        state = TrainState(
-            shard.get("iteration", 0),
-            shard.get("consumed_samples", 0),
-            shard.get("valid_consumed_samples", 0),
-        )
-        if rt.is_logging_rank:
-            print(f"resumed from {c.load} at iteration {state.iteration}", flush=True)
+        rank = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0, rt.pp_size)
+
+        def log(message: str) -> None:
+            if rt.is_logging_rank:
+                print(message, flush=True)
+
+        module, opt, sched = objs.module[0], objs.optimizer, objs.scheduler
+        state = TrainState(*resume_local(self.run, rank, rt.tp_size, module, opt, sched, log))
+        if not c.finetune:
+            log(f"resumed from {c.load} at iteration {state.iteration}")
         return state
 
     def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
@@ -114,8 +110,8 @@ class LocalBackend(_BackendState):
 
     def save(self, objs: TrainingObjects, state: TrainState) -> str:
         rt, c = self.rt, self.run.checkpoint
-        rank = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, rt.dp_rank)
-        shard = state_to_save(self.run, objs, state)
+        rank = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, rt.dp_rank, rt.pp_size)
+        shard = state_to_save(self.run, objs, state, rt.tp_rank, rt.pp_rank)
         return ckpt.save_checkpoint(c.save, state.iteration, shard, rank, keep_last=c.keep_last)
 
 

@@ -7,6 +7,7 @@ one that sees the loss); ``MetricsLogger(enabled=False)`` makes every call a no-
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -152,8 +153,6 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     """
     if device.type == "cuda":
         return peak_allocated_gib(device), "cuda_max_allocated"
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process_peak_rss"
 
 

@@ -14,6 +14,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+import torch.distributed as dist
+
 from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.checkpoint.layout import check_load_dir
 from megatron_endprompt.config import RunConfig
@@ -143,6 +146,7 @@ class _Loop:
     valid_loss: float | None = None
     last_path: str | None = None
     interrupted: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 def _has_checkpoint(run: RunConfig, rt: Runtime) -> bool:
@@ -185,6 +189,7 @@ def _start(run: RunConfig) -> _Loop:
         p.pipeline_model_parallel_size,
         p.virtual_pipeline_model_parallel_size,
         p.context_parallel_size,
+        timeout_minutes=p.distributed_timeout_minutes,
     )
     resume = _has_checkpoint(run, rt)
     seed_everything(t.seed)
@@ -241,12 +246,28 @@ def _step(lp: _Loop) -> bool:
         raise FloatingPointError(f"loss is {metrics['loss']} at iteration {state.iteration}")
     if last:
         return False
-    stop = _due(t.exit_interval, state.iteration)
+    stop = _due(t.exit_interval, state.iteration) or _out_of_time(lp)
     stop = (lp.handler is not None and lp.handler.should_exit(lp.rt.device)) or stop
     if stop or _due(run.checkpoint.save_interval, state.iteration):
         lp.last_path = _save(run, lp.rt, lp.backend, lp.objs, state)
     lp.interrupted = stop
     return not stop
+
+
+def _out_of_time(lp: _Loop) -> bool:
+    """--exit-duration-in-mins: elapsed since the start, the slowest rank deciding (as
+    Megatron-LM, so every rank stops at the same iteration)."""
+    limit = lp.run.training.exit_duration_in_mins
+    if limit is None:
+        return False
+    elapsed = torch.tensor([(time.monotonic() - lp.started) / 60.0], device=lp.rt.device)
+    if lp.rt.world_size > 1:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    out = bool(elapsed.item() > limit)
+    if out and lp.rt.is_logging_rank:
+        print(f"exiting: --exit-duration-in-mins={limit} reached at iteration "
+              f"{lp.state.iteration}", flush=True)  # fmt: skip
+    return out
 
 
 def _finish(lp: _Loop) -> TrainResult:

@@ -16,6 +16,15 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from megatron_endprompt.device import all_reduce, move_to_device
 from megatron_endprompt.model.gpt import build_model
@@ -54,6 +63,8 @@ def transformer_overrides(run) -> dict:
     if t.fp8_format is not None:
         out["fp8"] = t.fp8_format
         out["fp8_recipe"] = t.fp8_recipe
+        out["fp8_amax_history_len"] = t.fp8_amax_history_len
+        out["fp8_amax_compute_algo"] = t.fp8_amax_compute_algo
     # TE's fused RoPE takes one [s, 1, 1, d] table: only when every micro-batch shares one layout.
     out["apply_rope_fusion"] = run.model.transformer_impl == "te" and batch_shared_layout(run)
     if (run.parallel.virtual_pipeline_model_parallel_size or 1) > 1:
@@ -78,8 +89,6 @@ def build_model_chunks(run, rt: Runtime) -> list[torch.nn.Module]:
     ``_set_random_seed``): re-seeding per chunk, or the same seed on every stage, would give
     every virtual/pipeline stage the same initial layer weights.
     """
-    from megatron.core import parallel_state as ps
-
     vpp = run.parallel.virtual_pipeline_model_parallel_size or 1
     overrides = transformer_overrides(run)
     shared = batch_shared_layout(run)
@@ -103,14 +112,6 @@ def build_model_chunks(run, rt: Runtime) -> list[torch.nn.Module]:
 
 def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module]):
     """Wrap model chunks in Float16Module/DDP, build the megatron optimizer; returns both."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
-
     t, p = run.training, run.parallel
     config = model_chunks[0].config
     # Mixed precision follows the parameters' dtype (--bf16 or --params-dtype), as Megatron-LM's
@@ -119,8 +120,9 @@ def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module
     if config.bf16 or config.fp16:
         model_chunks = [Float16Module(config, m) for m in model_chunks]
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        grad_reduce_in_fp32=not p.grad_reduce_in_bf16,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
         # fp16 starts its dynamic loss scale at 2**32: early steps overflow by design and the
         # optimizer skips them; DDP's NaN/Inf check would raise instead. bf16/fp32 keep it.
@@ -136,6 +138,8 @@ def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module
         optimizer="adam",
         lr=t.lr,
         min_lr=t.min_lr,
+        decoupled_lr=t.decoupled_lr,
+        decoupled_min_lr=t.decoupled_min_lr,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
@@ -148,6 +152,9 @@ def build_megatron_training(run, rt: Runtime, model_chunks: list[torch.nn.Module
     )
     optimizer = get_megatron_optimizer(opt_config, wrapped)
     config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    if p.overlap_grad_reduce:  # the schedules start each chunk's reduction (as Megatron-LM)
+        grad_sync = [m.start_grad_sync for m in wrapped]
+        config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return wrapped, optimizer
@@ -167,8 +174,6 @@ def train_step_megatron(
     rt: Runtime,
 ) -> dict[str, float]:
     """One iteration through megatron-core's schedule; returns loss and grad norm."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     batches = fetch_microbatches(data_iterator, shape, rt)
     w_total = global_weight_sum([b["loss_mask"] for b in batches], rt.dp_cp_group)
     grad_scale = float(rt.dp_size * shape.num_microbatches)
@@ -216,8 +221,6 @@ def evaluate_megatron(
     eval_iters: int,
 ) -> float:
     """Global weighted mean validation loss through the schedule (forward only)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in model:
         chunk.eval()
     weighted = torch.zeros((), dtype=torch.float64, device=rt.device)

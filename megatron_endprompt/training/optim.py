@@ -17,30 +17,50 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 
 from megatron_endprompt.device import all_reduce
 
+EMBEDDING_OR_OUTPUT = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""Parameters --decoupled-lr applies to (megatron-core's is_embedding_or_output_parameter)."""
 
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """Two groups: decayed matrices, and biases / norm weights / 1-D params without decay.
 
-    ``wd_mult`` is the key megatron's scheduler multiplies the scheduled weight decay by.
+def param_groups(
+    model: torch.nn.Module, decoupled_lr: float | None = None, decoupled_min_lr: float | None = None
+) -> list[dict]:
+    """Decayed matrices, and biases / norm weights / 1-D params without decay.
+
+    ``wd_mult`` is the key megatron's scheduler multiplies the scheduled weight decay by. With
+    ``decoupled_lr`` the input embedding and output layer get their own groups whose ``max_lr``
+    / ``min_lr`` keys the scheduler reads (as megatron-core's optimizer builds them).
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2:  # biases, norm weights (incl. TE's fused layer_norm_weight)
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    return [g for g in groups if g["params"]]
+        no_decay = param.ndim < 2  # biases, norm weights (incl. TE's fused layer_norm_weight)
+        decoupled = decoupled_lr is not None and name.endswith(EMBEDDING_OR_OUTPUT)
+        groups.setdefault((no_decay, decoupled), []).append(param)
+    out = []
+    for (no_decay, decoupled), params in sorted(groups.items()):
+        group = {"params": params, "wd_mult": 0.0 if no_decay else 1.0}
+        if decoupled:
+            group["max_lr"] = decoupled_lr
+            if decoupled_min_lr is not None:
+                group["min_lr"] = decoupled_min_lr
+        out.append(group)
+    return out
 
 
 def build_adamw(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    decoupled_lr: float | None = None,
+    decoupled_min_lr: float | None = None,
 ) -> torch.optim.AdamW:
     """torch AdamW over :func:`param_groups` (the CPU optimizer)."""
+    groups = param_groups(model, decoupled_lr, decoupled_min_lr)
     return torch.optim.AdamW(
-        param_groups(model), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, foreach=False
+        groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, foreach=False
     )
 
 
@@ -49,20 +69,22 @@ def build_scheduler(
     lr: float,
     min_lr: float,
     weight_decay: float,
-    warmup_iters: int,
-    decay_iters: int,
+    warmup_steps: int,
+    decay_steps: int,
     decay_style: str,
-    global_batch_size: int,
 ) -> OptimizerParamScheduler:
-    """Megatron's scheduler, counted in samples (step it by the global batch size)."""
-    warmup = warmup_iters * global_batch_size
-    decay = max(decay_iters * global_batch_size, warmup + 1)
+    """Megatron's scheduler, counted in samples (step it by the global batch size).
+
+    ``warmup_steps`` / ``decay_steps`` are samples, as ``TrainingConfig.schedule_steps`` gives
+    them (Megatron-LM's get_optimizer_param_scheduler).
+    """
+    decay = max(decay_steps, warmup_steps + 1)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if warmup_iters > 0 else lr,
+        init_lr=0.0 if warmup_steps > 0 else lr,
         max_lr=lr,
         min_lr=min_lr,
-        lr_warmup_steps=warmup,
+        lr_warmup_steps=warmup_steps,
         lr_decay_steps=decay,
         lr_decay_style=decay_style,
         start_wd=weight_decay,

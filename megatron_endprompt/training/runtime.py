@@ -69,10 +69,11 @@ def setup_runtime(
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
     context_parallel_size: int = 1,
+    timeout_minutes: float | None = None,
 ) -> Runtime:
     """Initialise distributed + megatron parallel state; returns the run's :class:`Runtime`."""
     device, backend = _device.accelerator(device_type)
-    rank, world = init_distributed(backend)
+    rank, world = init_distributed(backend, timeout_minutes=timeout_minutes)
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world % (model_parallel * context_parallel_size):
         raise ValueError(

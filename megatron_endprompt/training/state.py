@@ -6,12 +6,19 @@ Kept apart from loop.py so the loop reads as a loop; the backends (backend.py) b
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.checkpoint.megatron_lm import (
+    CHECKPOINT_VERSION,
+    SHARD_FORMAT,
+    megatron_args,
+    rng_state_list,
+)
+from megatron_endprompt.checkpoint.optim_state import megatron_optimizer_state
 from megatron_endprompt.config import RunConfig
 from megatron_endprompt.data.builder import (
     build_datasets,
@@ -51,7 +58,16 @@ class TrainingObjects:
 
 def build_tokenizer_for_run(run: RunConfig):
     """The run's tokenizer; the model's vocabulary size becomes the tokenizer's."""
-    tokenizer = build_tokenizer(run.data.tokenizer_type, run.data.tokenizer_model)
+    d = run.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, **d.tokenizer_options())
+    notes = list(getattr(tokenizer, "notes", []))
+    own_size = d.tokenizer_type not in ("NullTokenizer", "TikTokenizer")
+    if d.vocab_size is not None and own_size and d.vocab_size != tokenizer.vocab_size:
+        notes.append(f"--vocab-size={d.vocab_size}: not used by {d.tokenizer_type} (as "
+                     f"Megatron-LM): its vocabulary has {tokenizer.vocab_size} tokens")  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: {note}", flush=True)
     run.model = dataclasses.replace(run.model, vocab_size=tokenizer.vocab_size)
     return tokenizer
 
@@ -59,29 +75,36 @@ def build_tokenizer_for_run(run: RunConfig):
 def build_scheduler_for_run(run: RunConfig, optimizer):
     """megatron-core's LR/WD schedule for the run, counted in samples."""
     t = run.training
+    warmup, decay = t.schedule_steps(run.train_iters, t.global_batch_size)
     return build_scheduler(
-        optimizer,
-        t.lr,
-        t.min_lr,
-        t.weight_decay,
-        t.lr_warmup_iters,
-        t.lr_decay_iters or run.train_iters,
-        t.lr_decay_style,
-        t.global_batch_size,
+        optimizer, t.lr, t.min_lr, t.weight_decay, warmup, decay, t.lr_decay_style
     )
 
 
-def state_to_save(run: RunConfig, objs: TrainingObjects, state: TrainState) -> dict[str, Any]:
-    """This rank's checkpoint shard."""
+def state_to_save(
+    run: RunConfig, objs: TrainingObjects, state: TrainState, tp_rank: int = 0, pp_rank: int = 0
+) -> dict[str, Any]:
+    """This rank's checkpoint shard, as Megatron-LM's legacy ``torch`` format holds it.
+
+    Megatron-LM's keys (``checkpoint/megatron_lm.py``: ``args`` with the consumed samples,
+    ``checkpoint_version`` 3.0, ``model``, ``optimizer`` in ``FP32Optimizer``'s layout,
+    ``opt_param_scheduler``, ``rng_state``), plus ours, which it ignores.
+    """
+    t = run.training
+    args = megatron_args(run, state.consumed_samples, state.valid_consumed_samples, state.iteration)
+    optimizer = megatron_optimizer_state(objs.optimizer.state_dict(), t.lr, t.min_lr)
     return {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
         "model": objs.module[0].state_dict(),
-        "optimizer": objs.optimizer.state_dict(),
-        "scheduler": objs.scheduler.state_dict(),
-        "rng": ckpt.get_rng_state(),
+        "optimizer": optimizer,
+        "opt_param_scheduler": objs.scheduler.state_dict(),
+        "rng_state": rng_state_list(t.seed, tp_rank, pp_rank),
+        "num_floating_point_operations_so_far": 0,
         "consumed_samples": state.consumed_samples,
         "valid_consumed_samples": state.valid_consumed_samples,
         "run_config": run.to_dict(),
-        "format": "megatron_endprompt/v1",
+        "format": SHARD_FORMAT,
     }
 
 
@@ -108,6 +131,7 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
         reset_attention_mask=False,
         eod_mask_loss=d.eod_mask_loss,
         create_attention_mask=False,
+        mmap_bin_files=d.mmap_bin_files,
         **layout,
     )
 

@@ -89,6 +89,8 @@ def _config(directory) -> dict:
 
 def _shard(directory, tp_rank=0, pp_rank=0) -> dict:
     path = f"{directory}/iter_0000000/mp_rank_{tp_rank:02d}_{pp_rank:03d}/model_optim_rng.pt"
+    if not os.path.isfile(path):  # Megatron-LM names the PP = 1 folder mp_rank_TT
+        path = f"{directory}/iter_0000000/mp_rank_{tp_rank:02d}/model_optim_rng.pt"
     return torch.load(path, weights_only=False)
 
 
@@ -165,7 +167,7 @@ def test_logits_match_hf_and_exported_scaled_model(hf_dirs, tmp_path):
 def test_training_run_config_gives_target_length(hf_dirs, tmp_path):
     mg, out = str(tmp_path / "mg"), str(tmp_path / "out")
     convert_hf_to_megatron(hf_dirs["plain"], mg, progress=False)
-    path = f"{mg}/iter_0000000/mp_rank_00_000/model_optim_rng.pt"
+    path = f"{mg}/iter_0000000/mp_rank_00/model_optim_rng.pt"  # Megatron-LM: PP = 1
     shard = torch.load(path, weights_only=False)
     model = dict(shard.pop("model_config"), rope_scaling={"rope_type": "linear", "factor": 8.0})
     shard["run_config"] = {"model": model, "endprompt": {"target_length": 8192}}

@@ -43,8 +43,8 @@ def test_byte_tokenizer_round_trip(text):
 
 def test_unknown_type_names_flag_and_choices():
     with pytest.raises(ValueError) as err:
-        build_tokenizer("GPT2BPETokenizer", "x")
-    assert "--tokenizer-type" in str(err.value) and "GPT2BPETokenizer" in str(err.value)
+        build_tokenizer("BertWordPieceCase", "x")
+    assert "--tokenizer-type" in str(err.value) and "BertWordPieceCase" in str(err.value)
     for name in TOKENIZER_TYPES:
         assert name in str(err.value)
 

@@ -23,7 +23,23 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "training"))
 
 from emulated_run import BF16_DISTOPT, PP2, TP2, VPP2, launch_plan, train_flags  # noqa: E402
-from train_fixtures import make_corpus  # noqa: E402
+from megatron_scripts import llama3_8b_h100_fp8  # noqa: E402
+from train_fixtures import make_corpus, make_jsonl  # noqa: E402
+
+from megatron_endprompt.prep.preprocess import preprocess_jsonl  # noqa: E402
+
+OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather"]
+FP8_SCRIPT_SHRUNK = {
+    "--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128",
+    "--num-attention-heads": "4", "--num-query-groups": "2", "--kv-channels": "16",
+    "--seq-length": "32", "--max-position-embeddings": "256", "--global-batch-size": "4",
+    "--train-samples": "8", "--lr-decay-samples": "8", "--lr-warmup-samples": "2",
+    "--eval-iters": "1",
+}  # fmt: skip
+"""Megatron-LM's Llama-3-8B FP8 example shrunk to CPU size (DTYPE=bf16: no TE here)."""
+ENDPROMPT_ADDED = ["--position-mode", "endprompt", "--target-length", "256",
+                   "--rope-scaling-type", "linear", "--rope-scaling-factor", "8",
+                   "--endprompt-terminal", "tail", "--endprompt-tail-length", "4"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
@@ -40,12 +56,22 @@ def emu_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def emu_hf_data(tmp_path_factory, tiny_hf_tokenizer):
+    """(data prefix, cache dir, tokenizer dir): the same kind of corpus, Hugging Face tokens."""
+    d = tmp_path_factory.mktemp("emu_hf_data")
+    prefix = str(d / "corpus")
+    preprocess_jsonl([make_jsonl(str(d), num_docs=80)], prefix, "HuggingFaceTokenizer",
+                     tiny_hf_tokenizer, append_eod=True, progress=False)  # fmt: skip
+    return prefix + "_text_document", str(d / "cache"), tiny_hf_tokenizer
+
+
+@pytest.fixture(scope="session")
 def emu_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("emu_runs")
 
 
 @pytest.fixture(scope="session")
-def one_rank(emu_data, emu_dir) -> dict[str, dict]:
+def one_rank(emu_data, emu_hf_data, emu_dir) -> dict[str, dict]:
     """The initial checkpoint and the one-process runs.
 
     ``init``: one iteration warmed up from lr 0, an update of size zero, so the saved weights
@@ -66,6 +92,7 @@ def one_rank(emu_data, emu_dir) -> dict[str, dict]:
                 iters=3,
             ),
         },
+        {"name": "megatron_fp8_script", "flags": megatron_script_flags(emu_hf_data, emu_dir)},
     ]  # fmt: skip
     results = launch_plan(1, runs, emu_dir / "one_rank")
     results["init"]["path"] = init
@@ -99,6 +126,8 @@ def four_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
         {"name": "dp2_pp2", "flags": train_flags(emu_data, *ref, *PP2)},
         {"name": "tp2_pp2", "flags": train_flags(emu_data, *ref, *TP2, *PP2)},
         {"name": "dp2_pp2_bf16_distopt", "flags": train_flags(emu_data, *ref, *PP2, *BF16_DISTOPT)},
+        {"name": "dp2_pp2_bf16_distopt_overlap",
+         "flags": train_flags(emu_data, *ref, *PP2, *BF16_DISTOPT, *OVERLAP)},
         {"name": "distopt_first", "flags": train_flags(
             emu_data, *ref, *PP2, *BF16_DISTOPT, "--save", first, "--exit-interval", "2")},
         {"name": "distopt_resumed", "flags": train_flags(
@@ -107,3 +136,12 @@ def four_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
     results = launch_plan(4, runs, emu_dir / "four_ranks")
     results["distopt_first"]["save"] = first
     return results
+
+
+def megatron_script_flags(emu_hf_data, emu_dir: Path) -> list[str]:
+    """The shrunken Llama-3-8B FP8 example's flags plus the EndPrompt ones, nothing else."""
+    data, cache, tokenizer = emu_hf_data
+    ckpt, tb = str(emu_dir / "megatron_script_ckpt"), str(emu_dir / "megatron_script_tb")
+    argv = llama3_8b_h100_fp8(ckpt, tb, tokenizer, data, cache, dtype="bf16",
+                              shrink=FP8_SCRIPT_SHRUNK)  # fmt: skip
+    return argv + ENDPROMPT_ADDED

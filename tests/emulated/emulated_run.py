@@ -27,6 +27,7 @@ WORKER = str(HERE / "emulated_train.py")
 # drawn per sample with a weighted cue terminal: every stage rotates by per-row positions and the
 # loss is sum(w * CE) / sum(w) with w in {1, 0.1, 0}.
 MODEL = [
+    "--model-preset", "tiny",
     "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
     "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
     "--max-position-embeddings", "256", "--make-vocab-size-divisible-by", "2",
@@ -34,6 +35,7 @@ MODEL = [
 ENDPROMPT = [
     "--position-mode", "endprompt_pose", "--endprompt-terminal", "cue",
     "--endprompt-cues", "End.", "That is all.", "--target-length", "256",
+    "--allow-unscaled-extension",
 ]  # fmt: skip
 
 

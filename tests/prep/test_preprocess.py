@@ -136,6 +136,7 @@ def test_bad_lines_counted_with_file_line(make_jsonl, tmp_path, monkeypatch, cap
         "empty_text": 1,
         "invalid_utf8": 2,
         "empty_after_tokenize": 1,
+        "invalid_ids": 0,
     }
     assert _docs(stats.outputs["text"]) == [list(b"ok1"), list(b"ok2")]
     where = [w.split(": ")[0] for w in stats.warnings]

@@ -10,7 +10,8 @@ from megatron_endprompt.training.state import dataset_config
 
 BASE = ["--tokenizer-type", "ByteTokenizer", "--data-path", "x", "--train-iters", "10"]
 TAIL = ["--endprompt-terminal", "tail", "--endprompt-tail-length", "3"]
-SHAPE = ["--seq-length", "8", "--max-position-embeddings", "64"]
+SHAPE = ["--model-preset", "tiny", "--seq-length", "8", "--max-position-embeddings", "64",
+         "--allow-unscaled-extension"]  # fmt: skip
 
 
 def parse(*flags):
@@ -30,7 +31,8 @@ def test_flags_exist_with_todays_defaults():
 
 
 def test_flags_reach_the_dataset_config():
-    run = parse(*TAIL, "--endprompt-terminal-source", "document_end")
+    source = ["--endprompt-terminal-source", "document_end"]
+    run = parse("--position-mode", "endprompt", *TAIL, *source)
     config = dataset_config(run, ByteTokenizer())
     assert config.terminal_source == "document_end"
     run = parse("--position-mode", "pose", "--pose-chunk-sampler", "reference", "--pose-skip-text")

@@ -199,16 +199,21 @@ def _run(bf16: bool, vpp: int | None = None):
             adam_eps=1e-8,
             clip_grad=1.0,
             seed=7,
+            decoupled_lr=None,
+            decoupled_min_lr=None,
         ),
         parallel=types.SimpleNamespace(
-            use_distributed_optimizer=False, virtual_pipeline_model_parallel_size=vpp
+            use_distributed_optimizer=False,
+            virtual_pipeline_model_parallel_size=vpp,
+            overlap_grad_reduce=False,
+            overlap_param_gather=False,
+            grad_reduce_in_bf16=False,
         ),
     )
 
 
 def test_build_megatron_training_kwargs_and_hooks(monkeypatch, parallel_state_1):
     import megatron.core.distributed as mcd
-    import megatron.core.optimizer as mco
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -236,8 +241,9 @@ def test_build_megatron_training_kwargs_and_hooks(monkeypatch, parallel_state_1)
         calls["opt"].append(args[0])
         return FakeOpt()
 
-    monkeypatch.setattr(mcd, "DistributedDataParallel", FakeDDP)
-    monkeypatch.setattr(mco, "get_megatron_optimizer", fake_get_opt)
+    # megatron_step binds these names at import: patch them where they are looked up.
+    monkeypatch.setattr(megatron_step, "DistributedDataParallel", FakeDDP)
+    monkeypatch.setattr(megatron_step, "get_megatron_optimizer", fake_get_opt)
     chunk = build_model(tiny_model_config(params_dtype="bfloat16"), seed=1)
     wrapped, opt = megatron_step.build_megatron_training(_run(bf16=True), None, [chunk])
     from megatron.core.transformer.module import Float16Module
@@ -371,10 +377,8 @@ def _fake_schedule(record):
 
 
 def test_train_step_megatron_single_rank(monkeypatch):
-    import megatron.core.pipeline_parallel as pp
-
     record = []
-    monkeypatch.setattr(pp, "get_forward_backward_func", _fake_schedule(record))
+    monkeypatch.setattr(megatron_step, "get_forward_backward_func", _fake_schedule(record))
     batches = _batches(3)
     chunk = _Chunk()
 
@@ -410,10 +414,8 @@ def test_train_step_megatron_single_rank(monkeypatch):
 
 
 def test_evaluate_megatron_single_rank(monkeypatch):
-    import megatron.core.pipeline_parallel as pp
-
     record = []
-    monkeypatch.setattr(pp, "get_forward_backward_func", _fake_schedule(record))
+    monkeypatch.setattr(megatron_step, "get_forward_backward_func", _fake_schedule(record))
     batches = _batches(4)
     chunk = _Chunk()
     shape = StepShape(micro_batch_size=2, seq_length=4, num_microbatches=2)
@@ -461,6 +463,7 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
             dist_ckpt_optim_fully_reshardable=False,
         ),
         parallel=types.SimpleNamespace(use_distributed_optimizer=False),
+        training=types.SimpleNamespace(seed=7),
         to_dict=lambda: {"model": {}},
     )
     state = types.SimpleNamespace(iteration=5, consumed_samples=40, valid_consumed_samples=8)
@@ -595,6 +598,7 @@ def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state
         ),
         parallel=types.SimpleNamespace(use_distributed_optimizer=False),
         model=model_config,
+        training=types.SimpleNamespace(seed=7),
         to_dict=lambda: {"model": dataclasses.asdict(model_config)},
     )
     src = objs(1)

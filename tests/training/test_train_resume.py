@@ -38,6 +38,7 @@ def run(flags):
             "cue",
             "--endprompt-cues",
             "End.",
+            "--allow-unscaled-extension",
         ],
     ],
 )

@@ -8,6 +8,8 @@ import numpy as np
 from megatron_endprompt.prep.preprocess import preprocess_jsonl
 
 TINY_MODEL = [
+    "--model-preset",
+    "tiny",
     "--num-layers",
     "2",
     "--hidden-size",
@@ -29,6 +31,14 @@ TINY_MODEL = [
 
 def make_corpus(directory: str, num_docs: int = 60, seed: int = 0) -> str:
     """Write random-word documents as JSONL, preprocess with ByteTokenizer; returns the prefix."""
+    path = make_jsonl(directory, num_docs, seed)
+    prefix = os.path.join(directory, "corpus")
+    preprocess_jsonl([path], prefix, "ByteTokenizer", append_eod=True, progress=False)
+    return prefix + "_text_document"
+
+
+def make_jsonl(directory: str, num_docs: int = 60, seed: int = 0) -> str:
+    """Random-word documents as ``directory/corpus.jsonl``; returns its path."""
     rng = np.random.default_rng(seed)
     words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "pass", "key"]
     path = os.path.join(directory, "corpus.jsonl")
@@ -36,9 +46,7 @@ def make_corpus(directory: str, num_docs: int = 60, seed: int = 0) -> str:
         for _ in range(num_docs):
             n = int(rng.integers(20, 80))
             f.write(json.dumps({"text": " ".join(rng.choice(words, size=n))}) + "\n")
-    prefix = os.path.join(directory, "corpus")
-    preprocess_jsonl([path], prefix, "ByteTokenizer", append_eod=True, progress=False)
-    return prefix + "_text_document"
+    return path
 
 
 def _groups(flags: list[str]) -> list[list[str]]:

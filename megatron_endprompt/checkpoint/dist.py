@@ -111,9 +111,12 @@ def sharded_state(
         sd["valid_consumed_samples"] = state.valid_consumed_samples
         sd["rng_layout"] = _layout(rt)
         sd["run_config"] = run.to_dict()
-        # Megatron-LM's scalar common keys. Its ``args`` namespace is NOT stored here:
-        # megatron-core's dist_checkpointing.load reads common.pt with weights_only=True and
-        # refuses argparse.Namespace unless the process allowlists it.
+        # Megatron-LM's common keys: its load reads consumed samples from ``args`` and checks
+        # the model flags against it (megatron-core allowlists argparse.Namespace for
+        # weights_only loads when it is imported).
+        sd["args"] = megatron_lm.megatron_args(
+            run, state.consumed_samples, state.valid_consumed_samples, state.iteration, "torch_dist"
+        )
         sd["checkpoint_version"] = megatron_lm.CHECKPOINT_VERSION
         sd["num_floating_point_operations_so_far"] = 0
     return sd

@@ -78,7 +78,9 @@ def _model_args(m: Any, tp: int) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def megatron_args(run: Any, consumed_train: int, consumed_valid: int, iteration: int):
+def megatron_args(
+    run: Any, consumed_train: int, consumed_valid: int, iteration: int, ckpt_format: str = "torch"
+):
     """The ``args`` namespace Megatron-LM stores, built from a RunConfig and the progress.
 
     Holds what ``check_checkpoint_args`` compares, what ``load_checkpoint`` reads back
@@ -99,11 +101,15 @@ def megatron_args(run: Any, consumed_train: int, consumed_valid: int, iteration:
         micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         train_iters=run.train_iters, train_samples=t.train_samples, lr=t.lr, min_lr=t.min_lr,
         lr_warmup_iters=t.lr_warmup_iters, lr_decay_iters=t.lr_decay_iters,
-        lr_decay_style=t.lr_decay_style, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+        lr_warmup_samples=t.lr_warmup_samples, lr_decay_samples=t.lr_decay_samples,
+        lr_warmup_fraction=t.lr_warmup_fraction, decoupled_lr=t.decoupled_lr,
+        decoupled_min_lr=t.decoupled_min_lr, lr_decay_style=t.lr_decay_style,
+        weight_decay=t.weight_decay, clip_grad=t.clip_grad,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, optimizer="adam",
         seed=t.seed, data_parallel_random_init=False, tokenizer_type=d.tokenizer_type,
-        tokenizer_model=d.tokenizer_model, vocab_file=None, merge_file=None,
-        ckpt_format="torch", use_dist_ckpt=False, iteration=iteration,
+        tokenizer_model=d.tokenizer_model, vocab_file=d.vocab_file, merge_file=d.merge_file,
+        legacy_tokenizer=d.legacy_tokenizer, ckpt_format=ckpt_format,
+        use_dist_ckpt=ckpt_format == "torch_dist", iteration=iteration,
         consumed_train_samples=consumed_train, consumed_valid_samples=consumed_valid,
         skipped_train_samples=0,
     )  # fmt: skip

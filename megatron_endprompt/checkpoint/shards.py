@@ -94,6 +94,7 @@ def safe_load(path: str, where: str, mmap: bool = False) -> Any:
         ValueError: ``WHERE: PATH holds an object outside the checkpoint allowlist: NAME`` or
             ``WHERE: cannot read checkpoint shard PATH: ...`` (a damaged file).
     """
+    registered = torch.serialization.get_safe_globals()
     try:
         with torch.serialization.safe_globals(list(CHECKPOINT_ALLOWLIST)):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
@@ -105,6 +106,12 @@ def safe_load(path: str, where: str, mmap: bool = False) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError) as err:  # truncated / not a torch zip file
         raise ValueError(f"{where}: cannot read checkpoint shard {path}: {err}") from err
+    finally:
+        # Leaving torch's safe_globals context unregisters its classes even where they were
+        # registered before (megatron-core registers argparse.Namespace at import for its own
+        # dist-checkpoint loads): put the process-wide allowlist back as it was.
+        lost = [g for g in registered if g not in torch.serialization.get_safe_globals()]
+        torch.serialization.add_safe_globals(lost)
 
 
 def _barrier() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_endprompt.data.tokenizer_base import Tokenizer
+from megatron_endprompt.data.tokenizer_base import EodOnlyTokenizer, Tokenizer
 
 # Last resort when neither config file names an eos_token (Megatron-LM's EOD would be None):
 # the first of these present (Llama 3, Llama 2 / Mistral, GPT-2 / Qwen, Gemma).
@@ -178,7 +178,7 @@ class HuggingFaceTokenizer(_BackendTokenizer):
         return pad if pad is not None else self.eod
 
 
-class GPT2BPETokenizer(_BackendTokenizer):
+class GPT2BPETokenizer(EodOnlyTokenizer, _BackendTokenizer):
     """GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; EOD ``<|endoftext|>``."""
 
     EOD_TOKEN = "<|endoftext|>"
@@ -204,18 +204,3 @@ class GPT2BPETokenizer(_BackendTokenizer):
                 "--tokenizer-special-tokens has no effect with --legacy-tokenizer "
                 "GPT2BPETokenizer (as in Megatron-LM)"
             )
-
-    @property
-    def eod(self) -> int:
-        """The ``<|endoftext|>`` id."""
-        return self._eod
-
-    @property
-    def bos(self) -> None:
-        """GPT-2 has no BOS token."""
-        return None
-
-    @property
-    def pad(self) -> int:
-        """No pad token: eod."""
-        return self._eod

@@ -19,7 +19,7 @@ import base64
 import json
 import os
 
-from megatron_endprompt.data.tokenizer_base import Tokenizer
+from megatron_endprompt.data.tokenizer_base import EodOnlyTokenizer, Tokenizer
 
 TIKTOKEN_PATTERNS = {
     "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
@@ -34,7 +34,7 @@ TIKTOKEN_SPECIALS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>"
 TIKTOKEN_LEGACY_SPECIALS = ("<unk>", "<s>", "</s>")
 
 
-class NullTokenizer(Tokenizer):
+class NullTokenizer(EodOnlyTokenizer):
     """Ids written as text: ``"5 17 3"`` -> ``[5, 17, 3]``; EOD = ``vocab_size`` argument."""
 
     def __init__(self, vocab_size: int) -> None:
@@ -73,21 +73,6 @@ class NullTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         """``--vocab-size`` + 1 (the EOD)."""
         return self._eod + 1
-
-    @property
-    def eod(self) -> int:
-        """``--vocab-size``."""
-        return self._eod
-
-    @property
-    def bos(self) -> None:
-        """No BOS."""
-        return None
-
-    @property
-    def pad(self) -> int:
-        """No pad token: eod."""
-        return self._eod
 
 
 def _load_ranks(path: str, keep: int, shift: int) -> dict[bytes, int]:

@@ -72,3 +72,24 @@ def split_on_specials(text: str, specials: dict[str, int]) -> list[str | int]:
         parts.append(text[start:best_at])
         parts.append(specials[best])
         start = best_at + len(best)
+
+
+class EodOnlyTokenizer(Tokenizer):
+    """A vocabulary whose only special token is the EOD (``self._eod``): no BOS, pad = EOD."""
+
+    _eod: int
+
+    @property
+    def eod(self) -> int:
+        """The end-of-document id."""
+        return self._eod
+
+    @property
+    def bos(self) -> None:
+        """No BOS token."""
+        return None
+
+    @property
+    def pad(self) -> int:
+        """No pad token: eod."""
+        return self._eod

@@ -151,11 +151,19 @@ def test_config_sources_and_errors(ckpts, tmp_path, capsys):
     it = _copy(src, tmp_path / "old")
     common = torch.load(it / "common.pt", weights_only=False)
     run_config = common.pop("run_config")
+    common.pop("args")  # older saves had neither (newer ones carry Megatron-LM's args too)
     torch.save(common, it / "common.pt")
     with pytest.raises(ValueError, match="carries no model config .*model_config.json"):
         open_checkpoint(str(tmp_path / "old"))
     (tmp_path / "old" / "model_config.json").write_text(json.dumps(run_config["model"]))
     assert open_checkpoint(str(tmp_path / "old")).model_config.num_layers == 4
+    # With Megatron-LM's args alone (as Megatron-LM writes common.pt), its args give the model.
+    it = _copy(src, tmp_path / "megatron")
+    common = torch.load(it / "common.pt", weights_only=False)
+    common.pop("run_config")
+    torch.save(common, it / "common.pt")
+    from_args = open_checkpoint(str(tmp_path / "megatron")).model_config
+    assert (from_args.num_layers, from_args.hidden_size) == (4, run_config["model"]["hidden_size"])
 
     it = _copy(src, tmp_path / "backend")
     (it / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))

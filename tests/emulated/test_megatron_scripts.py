@@ -8,9 +8,12 @@ gather) and dist checkpointing; and overlapping changes no number.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 
+import megatron.core  # noqa: F401  (registers argparse.Namespace for weights_only loads)
+import torch
 from test_parallel_parity import assert_parity
 
 
@@ -23,6 +26,14 @@ def test_llama3_fp8_example_trains_with_only_the_entry_point_changed(one_rank):
     path = result["checkpoint"]  # --ckpt-format torch_dist: megatron-core's dist checkpoint
     assert os.path.basename(path) == "iter_0000002"
     assert os.path.isfile(os.path.join(path, "metadata.json"))
+    # What Megatron-LM's load_checkpoint reads from the common state: args with the progress
+    # (consumed_train_samples) and the model flags check_checkpoint_args compares.
+    common = torch.load(os.path.join(path, "common.pt"), weights_only=True)
+    args = common["args"]
+    assert isinstance(args, argparse.Namespace) and common["checkpoint_version"] == 3.0
+    assert (args.consumed_train_samples, args.iteration, args.ckpt_format) == (8, 2, "torch_dist")
+    assert (args.num_layers, args.hidden_size, args.num_query_groups) == (2, 64, 2)
+    assert args.group_query_attention and args.layernorm_zero_centered_gamma
 
 
 def test_overlapped_grad_reduce_and_param_gather_change_nothing(four_ranks):

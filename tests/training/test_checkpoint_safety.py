@@ -88,6 +88,16 @@ def test_allowlist_alone_reads_our_shards(tmp_path):
         torch.serialization.add_safe_globals(before)
 
 
+def test_safe_load_leaves_the_process_allowlist_as_it_was(tmp_path):
+    """torch's safe_globals context unregisters its classes on exit, even ones registered
+    before: megatron-core's own dist-checkpoint loads (args in common.pt) must still work."""
+    _, shard = _saved(tmp_path, {"args": argparse.Namespace(a=1)})
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    before = set(map(id, torch.serialization.get_safe_globals()))
+    safe_load(shard, "x")
+    assert set(map(id, torch.serialization.get_safe_globals())) == before
+
+
 # --- 2. checksums --------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ the checkpoint state dict uses the unwrapped model's keys.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 import types
@@ -432,7 +433,15 @@ def test_evaluate_megatron_single_rank(monkeypatch):
 # --- checkpoint state dict --------------------------------------------------------------------
 
 
-def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
+def _stub_megatron_args(run, consumed_train, consumed_valid, iteration, ckpt_format="torch"):
+    """megatron_lm.megatron_args on the fake run objects (its real output: tests/emulated)."""
+    return argparse.Namespace(
+        consumed_train_samples=consumed_train, iteration=iteration, ckpt_format=ckpt_format
+    )
+
+
+def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1, monkeypatch):
+    monkeypatch.setattr(dist_checkpoint.megatron_lm, "megatron_args", _stub_megatron_args)
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.distributed.data_parallel_base import _BaseDataParallel
 
@@ -475,6 +484,7 @@ def test_sharded_state_uses_unwrapped_model_keys(parallel_state_1):
     assert "distrib_optim_sharding_type" not in seen["metadata"]
     assert seen["metadata"]["dp_cp_group"] is not None
     assert sd["run_config"] == {"model": {}}
+    assert (sd["args"].consumed_train_samples, sd["args"].ckpt_format) == (40, "torch_dist")
     keys = list(sd["model"])
     assert keys and not any(k.startswith("module.") for k in keys)
     assert seen["model_sd"] is sd["model"] and seen["is_loading"] is False
@@ -529,6 +539,7 @@ class Process:
 
 
 def test_dist_checkpoint_round_trip_on_cpu(tmp_path, monkeypatch, parallel_state_1):
+    monkeypatch.setattr(dist_checkpoint.megatron_lm, "megatron_args", _stub_megatron_args)
     """save() then load() through megatron's real dist_checkpointing (CUDA calls stubbed).
 
     megatron-core 0.16.1's torch_dist writer calls torch.cuda.synchronize/current_device and

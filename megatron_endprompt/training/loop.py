@@ -43,7 +43,8 @@ class TrainResult:
     losses: list[float]
     grad_norms: list[float]
     """Gradient norm (before clipping) of each iteration run by this process."""
-    final_loss: float
+    final_loss: float | None
+    """The last iteration's loss; None when no iteration ran (a finished run resumed)."""
     valid_loss: float | None
     tokens_per_s: float
     checkpoint: str | None
@@ -276,7 +277,8 @@ def _finish(lp: _Loop) -> TrainResult:
     if not lp.interrupted:
         if t.eval_iters and not _due(t.eval_interval, lp.state.iteration):
             _evaluate(lp)
-        lp.last_path = _save(lp.run, lp.rt, lp.backend, lp.objs, lp.state) or lp.last_path
+        if lp.losses:  # a resumed run that trained nothing keeps the checkpoint it loaded
+            lp.last_path = _save(lp.run, lp.rt, lp.backend, lp.objs, lp.state) or lp.last_path
     if lp.handler is not None:
         lp.handler.restore()
     lp.logger.close()
@@ -286,7 +288,7 @@ def _finish(lp: _Loop) -> TrainResult:
         consumed_samples=lp.state.consumed_samples,
         losses=lp.losses,
         grad_norms=lp.grad_norms,
-        final_loss=lp.losses[-1] if lp.losses else float("nan"),
+        final_loss=lp.losses[-1] if lp.losses else None,
         valid_loss=lp.valid_loss,
         tokens_per_s=lp.meter.overall(),
         checkpoint=lp.last_path,
@@ -300,6 +302,14 @@ def _finish(lp: _Loop) -> TrainResult:
 def train(run: RunConfig) -> TrainResult:
     """Run training as configured; returns the losses and throughput."""
     lp = _start(run)
+    if lp.state.iteration >= run.train_iters and lp.rt.is_logging_rank:
+        print(
+            f"--load={run.checkpoint.load}: the checkpoint is at iteration {lp.state.iteration}, "
+            f"the run's length is {run.train_iters} iterations: nothing left to train",
+            flush=True,
+        )
+    if lp.state.iteration >= run.train_iters and run.checkpoint.load:
+        lp.last_path = ckpt.iteration_dir(run.checkpoint.load, lp.state.iteration)
     while lp.state.iteration < run.train_iters and _step(lp):
         pass
     return _finish(lp)

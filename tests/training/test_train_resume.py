@@ -134,3 +134,20 @@ def test_validation_without_a_validation_split_is_a_clear_error(corpus):
         run(flags)
     # Without --eval-iters the (empty) validation split is never read.
     assert run(train_flags(data, cache, *no_valid)).iterations == 2
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(corpus, tmp_path, capsys):
+    data, cache = corpus
+    save = str(tmp_path / "done")
+    flags = train_flags(data, cache, "--train-iters", "2", "--save", save, "--eval-iters", "0")
+    first = run(flags)
+    shard = [os.path.join(d, f) for d, _, fs in os.walk(first.checkpoint) for f in fs]
+    stamps = {p: os.stat(p).st_mtime_ns for p in shard}
+    capsys.readouterr()
+    again = run([*flags, "--load", save])
+    assert again.iterations == 2 and again.losses == [] and again.final_loss is None
+    assert again.checkpoint == first.checkpoint  # the loaded one, not re-saved
+    assert {p: os.stat(p).st_mtime_ns for p in shard} == stamps
+    assert (
+        "at iteration 2, the run's length is 2 iterations: nothing left" in capsys.readouterr().out
+    )

@@ -287,6 +287,25 @@ def load_model_weights(
     check_checkpoint_model(model_config, shard, load_dir)
     try:
         sd = rename_to_model_keys(shard["model"], module.state_dict().keys())
+        check_vocabulary(sd, module)
         load_megatron_state_dict(module, sd)
     except ValueError as err:
         raise ValueError(f"--load={load_dir}: {err}") from err
+
+
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def check_vocabulary(sd: Mapping[str, Any], module: torch.nn.Module) -> None:
+    """ValueError naming the tokenizer flags when the checkpoint's vocabulary rows differ from
+    the model's (the run's tokenizer, padded by --make-vocab-size-divisible-by x TP); the caller
+    names --load."""
+    own = module.state_dict()
+    for key in VOCAB_KEYS:
+        if key in sd and key in own and sd[key].shape[0] != own[key].shape[0]:
+            raise ValueError(
+                f"its vocabulary has {sd[key].shape[0]} rows per "
+                f"tensor-parallel rank ({key}), the run's {own[key].shape[0]}: the tokenizer "
+                "(--tokenizer-type / --tokenizer-model / --vocab-size) or "
+                "--make-vocab-size-divisible-by differs from the checkpoint's"
+            )

@@ -10,6 +10,7 @@ from train_fixtures import make_corpus, train_flags
 
 from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.cli import parse_run_config
+from megatron_endprompt.train import main
 from megatron_endprompt.training.loop import train
 
 
@@ -151,3 +152,20 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint(corpus,
     assert (
         "at iteration 2, the run's length is 2 iterations: nothing left" in capsys.readouterr().out
     )
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_a_clear_error(corpus, tmp_path, capsys):
+    """ByteTokenizer (259 ids) saved, NullTokenizer --vocab-size 300 (301 ids) resumed: refused
+    naming the tokenizer flags through the entry point's one error line, not a load traceback."""
+    data, cache = corpus
+    save = str(tmp_path / "bytes")
+    run(train_flags(data, cache, "--train-iters", "1", "--save", save, "--eval-iters", "0"))
+    other = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "300"]
+    flags = train_flags(
+        data, cache, "--train-iters", "2", "--load", save, "--eval-iters", "0", *other
+    )
+    capsys.readouterr()
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --load={save}: its vocabulary has 259")
+    assert "the run's 301" in err[0] and "--tokenizer-type" in err[0]

@@ -104,11 +104,13 @@ def megatron_model_base(args: argparse.Namespace) -> dict[str, Any]:
             "give them, or --model-preset NAME (tools/plan.py --help lists presets)"
         )
     base = {k: v for k, v in MEGATRON_MODEL_DEFAULTS.items() if not _given(args, k)}
-    if not _given(args, "num_query_groups") or not _given(args, "group_query_attention"):
-        # Megatron-LM: --num-query-groups (default 1) counts only with --group-query-attention.
-        base["num_query_groups"] = 1 if _given(args, "group_query_attention") else None
-        if _given(args, "num_query_groups") and not _given(args, "group_query_attention"):
+    # Megatron-LM: --num-query-groups (default 1) counts only with --group-query-attention.
+    if not _given(args, "group_query_attention"):
+        base["num_query_groups"] = None  # one KV head per query head
+        if _given(args, "num_query_groups"):
             delattr(args, "num_query_groups")
+    elif not _given(args, "num_query_groups"):
+        base["num_query_groups"] = 1
     return base
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from megatron_endprompt.atomic_io import atomic_write
+from megatron_endprompt.prep.files import require_output_dir
 
 CORPUS_SKIP_REASONS = ("too_large", "empty", "unreadable", "undecodable")
 ALWAYS_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -92,9 +93,7 @@ def _validate(output: str, max_docs: int | None, max_bytes_per_doc: int | None, 
         raise ValueError(f"--max-bytes-per-doc must be >= 1, got {max_bytes_per_doc}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--source-dir {root}: no such directory")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--output {output}: directory {out_dir} not found")
+    require_output_dir(output, "--output")
 
 
 def prepare_corpus(

@@ -1,4 +1,5 @@
-"""Input file lists from ``--input`` values: files and globs, kept light to import."""
+"""Input file lists from ``--input`` values (files and globs) and the output-directory check;
+kept light to import."""
 
 from __future__ import annotations
 
@@ -34,3 +35,11 @@ def expand_inputs(patterns: Sequence[str], flag: str = "--input") -> list[str]:
             raise FileNotFoundError(f"{flag} {pattern}: no such file")
         paths.extend(p for p in matches if p not in paths)
     return paths
+
+
+def require_output_dir(path: str, flag: str, error: type[Exception] = FileNotFoundError) -> None:
+    """Raise ``error('<flag> <path>: directory <dir> not found')`` unless ``path``'s directory
+    exists (checked before any work, so nothing is half-written)."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise error(f"{flag} {path}: directory {out_dir} not found")

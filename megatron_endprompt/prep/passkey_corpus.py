@@ -33,7 +33,6 @@ episodes inside the kept text (windows) still teach retrieval there.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType
 
 from megatron_endprompt.passkey_text import NEEDLE, QUESTION, Tokenizer, bos_ids, build_haystack
+from megatron_endprompt.prep.files import require_output_dir
 from megatron_endprompt.prep.indexed_output import StagedIndexedDataset
 
 MAX_EXACT_TAIL_KEYS = 100_000
@@ -300,9 +300,7 @@ def _check_corpus_args(output_prefix: str, num_docs: int, seed: int) -> None:
         raise ValueError(f"--num-docs must be >= 1, got {num_docs}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"--output-prefix {output_prefix}: directory {out_dir} not found")
+    require_output_dir(output_prefix, "--output-prefix", ValueError)
 
 
 def write_passkey_corpus(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import json
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -35,7 +34,7 @@ from megatron.core.datasets.indexed_dataset import DType
 from tqdm import tqdm
 
 from megatron_endprompt.data.tokenizers import build_tokenizer
-from megatron_endprompt.prep.files import expand_inputs
+from megatron_endprompt.prep.files import expand_inputs, require_output_dir
 from megatron_endprompt.prep.partitions import PartitionRouter, StagedOutputs, count_lines
 from megatron_endprompt.prep.sentences import SentenceSplitter
 
@@ -230,9 +229,7 @@ def _validate(output_prefix: str, json_keys: Sequence[str], ints: dict[str, int]
             f"--workers ({ints['--workers']}) must be a multiple of --partitions "
             f"({ints['--partitions']}), as in Megatron-LM"
         )
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(out_dir):
-        raise PreprocessError(f"--output-prefix {output_prefix}: directory {out_dir} not found")
+    require_output_dir(output_prefix, "--output-prefix", PreprocessError)
 
 
 def _flag_notes(options: dict, split_sentences: bool, keep_newlines: bool, partitions: int,

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from megatron_endprompt.prep.files import expand_inputs
+from megatron_endprompt.prep.files import expand_inputs, require_output_dir
 
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 USER_DEFINED_SYMBOLS = ("<|eot_id|>",)
@@ -92,9 +92,7 @@ def _validate(vocab_size: int, max_sentences: int, output_prefix: str) -> None:
         )
     if max_sentences < 1:
         raise ValueError(f"--max-sentences must be >= 1, got {max_sentences}")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--output-prefix {output_prefix}: directory {out_dir} not found")
+    require_output_dir(output_prefix, "--output-prefix")
 
 
 def train_sentencepiece(

@@ -302,14 +302,15 @@ def _finish(lp: _Loop) -> TrainResult:
 def train(run: RunConfig) -> TrainResult:
     """Run training as configured; returns the losses and throughput."""
     lp = _start(run)
-    if lp.state.iteration >= run.train_iters and lp.rt.is_logging_rank:
-        print(
-            f"--load={run.checkpoint.load}: the checkpoint is at iteration {lp.state.iteration}, "
-            f"the run's length is {run.train_iters} iterations: nothing left to train",
-            flush=True,
-        )
-    if lp.state.iteration >= run.train_iters and run.checkpoint.load:
+    if lp.state.iteration >= run.train_iters:  # only a resumed run starts there
         lp.last_path = ckpt.iteration_dir(run.checkpoint.load, lp.state.iteration)
+        if lp.rt.is_logging_rank:
+            print(
+                f"--load={run.checkpoint.load}: the checkpoint is at iteration "
+                f"{lp.state.iteration}, the run's length is {run.train_iters} iterations: "
+                "nothing left to train",
+                flush=True,
+            )
     while lp.state.iteration < run.train_iters and _step(lp):
         pass
     return _finish(lp)

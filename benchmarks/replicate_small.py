@@ -1,18 +1,29 @@
-"""The paper's comparison at CPU scale: one short-context base, seven ways to extend it 8x.
+"""The paper's comparison at CPU scale: short-context bases, nine ways to extend them 8x.
 
-A small Llama-style model (4 layers, hidden 128, 2 heads of 64) is pretrained at S0 = 128 on the
-embedded corpus (the Python standard library's source, SentencePiece tokenizer trained on it)
-blended with passkey episodes, so that retrieval is learnable. It is then extended to
-L = 8 x S0 = 1024 with YaRN x8 and the SAME token budget (iterations x tokens per iteration) by:
+A small Llama-style model (4 layers, hidden 128, 2 heads of 64 by default; every size is a flag)
+is pretrained at S0 = 128 on the embedded corpus (the Python standard library's source,
+SentencePiece tokenizer trained on it) blended with passkey episodes, so that retrieval is
+learnable. It is then extended to L = 8 x S0 = 1024 with YaRN x8 and the SAME token budget
+(iterations x tokens per iteration) by:
 
     pi_only                no training, linear PI x8 at evaluation (the issue's "PI only")
     scaling_only           no training, the extension's scaling (YaRN x8) at evaluation
     full_length            contiguous positions at physical length L (the positive control)
-    pose                   PoSE, 2 chunks, physical S0
+    short_contiguous       the scaling + ordinary contiguous training at S0 (the control that
+                           separates the terminal segment from adapting to the scaling)
+    pose                   PoSE, 2 chunks, physical S0 (the PoSE paper's chunk sampler)
+    pose_reference         PoSE with the reference code's sampler (l0 <= S/2)
     endprompt_cue_fixed    EndPrompt, appended cue at the end of the window
     endprompt_cue_random   EndPrompt, appended cue at a random terminal position
     endprompt_tail_fixed   EndPrompt, the sample's own last tokens (question + key) as terminal
+    endprompt_tail_random  the same at a random terminal position (the reference's own mode)
     endprompt_pose         PoSE chunks + the tail terminal at the end of the window
+
+Bases and seeds (``--base-seeds``, ``--seeds``): the first base is extended with every extension
+seed (default 3: the table's mean ± sd is extension-to-extension variance); every further base
+(default one more) with the first seed only (the base-to-base table). The report checks
+REPLICATION_NOTES' bars first (base >= 0.95 passkey exact match at S0, full_length >= 0.80 at L)
+and says so when they are not met: then the table ranks nothing.
 
 Why YaRN and not linear PI (measured while choosing the settings, REPLICATION_NOTES item 6):
 linear PI x8 compresses the high-frequency RoPE dimensions this small model copies with; after
@@ -21,11 +32,12 @@ time at L and even the short-range copy inside the needle had collapsed to 10%, 
 control failed. Under YaRN x8 (high frequencies kept) the same run retrieved it 97% of the time.
 
 Every model (the base without scaling too) is evaluated at 1x, 2x, 4x and 8x S0: passkey exact
-match (greedy) and teacher-forced digit accuracy over a length x depth grid, and perplexity by
-position on held-out standard-library text. Training tokens/s and peak memory come from each
-run's TrainResult (one process per run: its peak memory is its own). The markdown table, JSON
-(settings, seeds, every number) and PNG plots are written to --output; the numbers are whatever
-comes out (no method is tuned).
+match (greedy) and teacher-forced digit accuracy over a length x depth grid with bootstrap
+intervals, and perplexity by position on held-out standard-library text (``tools/evaluate.py``,
+whose report.json each step reads back). Training tokens/s and peak memory come from each run's
+TrainResult (one process per run: its peak memory is its own). The markdown table (the
+library's ``format_table``), JSON (settings, seeds, every number) and PNG plots (the library's
+plots) are written to --output; the numbers are whatever comes out (no method is tuned).
 
 Data, matching the methods (REPLICATION_NOTES items 3 and 4):
     S0-token passkey documents, each holding complete episodes of random lengths (a needle at a
@@ -33,14 +45,18 @@ Data, matching the methods (REPLICATION_NOTES items 3 and 4):
     is exactly the last episode's question + key and its needle is in the kept head; PoSE chunks
     keep needle and question; cue terminals replace the last question + key (earlier complete
     episodes still teach retrieval). full_length trains on L-token documents built the same way.
+    On whole-document samples ``--endprompt-terminal-source document_end`` always falls back to
+    the contiguous tail (the document ends inside the sample), so this corpus cannot separate the
+    two terminal sources; it is not a row.
 
-    python benchmarks/replicate_small.py                  # ~30 minutes on 2 CPU cores
+    python benchmarks/replicate_small.py                  # ~90+ minutes on 2 CPU cores
     python benchmarks/replicate_small.py --seeds 1,2      # two extension seeds per method
-    python benchmarks/replicate_small.py --quick          # about a minute: the tests run this
+    python benchmarks/replicate_small.py --quick          # a few minutes: the tests run this
     python benchmarks/replicate_small.py --resume         # reuse finished steps in --output
 
-Ends with RESULT lines: base passkey at S0, each method's mean passkey exact match over 2x-8x
-and at 8x, and the EndPrompt / full-length training tokens/s and peak memory ratios.
+Ends with RESULT lines: base passkey at S0, whether each bar is met, each method's mean passkey
+exact match over 2x-8x and at 8x, and the EndPrompt / full-length training tokens/s and peak
+memory ratios.
 """
 
 from __future__ import annotations
@@ -83,9 +99,16 @@ class Method:
 METHODS = (
     Method("pi_only", "linear PI at evaluation, no training", trains=False, scaling="linear"),
     Method("scaling_only", "the extension's RoPE scaling at evaluation, no training", trains=False),
-    Method("full_length", "contiguous positions at physical length L",
+    Method("full_length", "contiguous positions at physical length L (the positive control)",
            ("--position-mode", "contiguous"), full_length=True),
-    Method("pose", "PoSE, 2 chunks", ("--position-mode", "pose", "--pose-num-chunks", "2")),
+    Method("short_contiguous", "the extension's RoPE scaling + ordinary contiguous training at "
+           "S0 (the control: adapting to the scaling without any terminal segment)",
+           ("--position-mode", "contiguous")),
+    Method("pose", "PoSE, 2 chunks (chunk sampler of the PoSE paper, l0 ~ U{1..S-1})",
+           ("--position-mode", "pose", "--pose-num-chunks", "2")),
+    Method("pose_reference", "PoSE, 2 chunks, the reference code's sampler (l0 ~ U{1..(S+1)//2})",
+           ("--position-mode", "pose", "--pose-num-chunks", "2",
+            "--pose-chunk-sampler", "reference")),
     Method("endprompt_cue_fixed", "EndPrompt, appended cue ending at L-1",
            ("--position-mode", "endprompt", "--endprompt-terminal", "cue",
             "--endprompt-placement", "fixed")),
@@ -95,13 +118,18 @@ METHODS = (
     Method("endprompt_tail_fixed", "EndPrompt, own last tokens (question + key) ending at L-1",
            ("--position-mode", "endprompt", "--endprompt-terminal", "tail",
             "--endprompt-placement", "fixed")),
+    Method("endprompt_tail_random", "EndPrompt, own last tokens (question + key) at a random "
+           "terminal position (the reference code's recommended mode)",
+           ("--position-mode", "endprompt", "--endprompt-terminal", "tail",
+            "--endprompt-placement", "random")),
     Method("endprompt_pose", "PoSE chunks + tail terminal ending at L-1",
            ("--position-mode", "endprompt_pose", "--pose-num-chunks", "2",
             "--endprompt-terminal", "tail", "--endprompt-placement", "fixed")),
 )  # fmt: skip
 METHOD_NAMES = tuple(m.name for m in METHODS)
-RESUMABLE = ("seeds", "methods")
-"""Settings that --resume may change: finished runs of other seeds and methods stay valid."""
+RESUMABLE = ("seeds", "methods", "base_seeds")
+"""Settings that --resume may change: finished runs of other seeds, methods and bases stay
+valid."""
 
 
 @dataclass
@@ -136,8 +164,11 @@ class Settings:
     extend_iters: int = 200
     extend_lr: float = 5e-4
     warmup_iters: int = 10
-    base_seed: int = 1
-    seeds: list[int] = field(default_factory=lambda: [1])
+    base_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    """Base pretraining seeds. The first base is extended with every seed of ``seeds``; every
+    further base with the first of them only (the table's base-to-base variance)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Extension seeds (data order and layout draws of the extension runs)."""
     eval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     eval_trials: int = 4
     eval_seed: int = 0
@@ -165,6 +196,7 @@ QUICK = dict(
     passkey_docs_s0=200, passkey_docs_l=40, num_layers=2, hidden_size=64, ffn_hidden_size=176,
     num_attention_heads=2, factor=4, tokens_per_iter=1024, tokens_per_micro_batch=512,
     base_iters=4, extend_iters=2, eval_depths=[0.5], eval_trials=1, ppl_windows=1,
+    base_seeds=[1], seeds=[1],
 )  # fmt: skip
 
 
@@ -175,8 +207,24 @@ def check_settings(s: Settings) -> None:
             raise ValueError(f"--methods: unknown method {name!r} (choose from {METHOD_NAMES})")
     if not s.methods:
         raise ValueError("--methods must name at least one method")
-    if not s.seeds or any(x < 0 for x in s.seeds) or len(set(s.seeds)) != len(s.seeds):
-        raise ValueError(f"--seeds must be distinct integers >= 0, got {s.seeds}")
+    for flag, seeds in (("--seeds", s.seeds), ("--base-seeds", s.base_seeds)):
+        if not seeds or any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+            raise ValueError(f"{flag} must be distinct integers >= 0, got {seeds}")
+    for flag, value in (("--eval-trials", s.eval_trials), ("--ppl-windows", s.ppl_windows),
+                        ("--num-layers", s.num_layers), ("--s0", s.s0)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0.0 < s.corpus_weight < 1.0:
+        raise ValueError(f"--corpus-weight must be in (0, 1), got {s.corpus_weight}")
+    if s.hidden_size % s.num_attention_heads:
+        raise ValueError(
+            f"--hidden-size {s.hidden_size} must be divisible by --num-attention-heads "
+            f"{s.num_attention_heads}"
+        )
+    if s.rope_scaling not in ("linear", "ntk", "yarn", "llama3"):
+        raise ValueError(
+            f"--rope-scaling must be linear, ntk, yarn or llama3, got {s.rope_scaling!r}"
+        )
     if s.factor < 2:
         raise ValueError(f"--factor must be >= 2, got {s.factor}")
     for flag, value in (("--base-iters", s.base_iters), ("--extend-iters", s.extend_iters)):
@@ -250,17 +298,25 @@ def prepare_data(s: Settings, out: str, logs: str, resume: bool) -> dict[str, An
         ("passkey_s0", s.s0, s.passkey_docs_s0, 1),
         ("passkey_l", s.length, s.passkey_docs_l, 2),
     ):
-        text = run_step(f"passkey corpus ({doc_tokens}-token documents)", _tool(
+        run_step(f"passkey corpus ({doc_tokens}-token documents)", _tool(
             "make_passkey_corpus.py") + [
             "--output-prefix", paths[key][: -len("_text_document")], *tok,
             "--num-docs", str(num_docs), "--doc-tokens", str(doc_tokens),
             "--min-episode-tokens", str(s.min_episode_tokens), "--seed", str(seed),
             "--digits", str(s.digits)],
             os.path.join(logs, f"{key}.log"))  # fmt: skip
-    # Both corpora print the same tail length (it depends on the tokenizer and digits only).
-    paths["tail_tokens"] = int(text.rsplit("--endprompt-tail-length) = ", 1)[1].split()[0])
+    paths["tail_tokens"] = passkey_tail_tokens(paths["tokenizer"], s.digits)
     _write_json(done, paths)
     return paths
+
+
+def passkey_tail_tokens(tokenizer_model: str, digits: int) -> int:
+    """Question + key tokens of a passkey episode (``--endprompt-tail-length`` of tail runs),
+    from the library (the corpus tool prints the same number)."""
+    from megatron_endprompt.data.tokenizers import build_tokenizer
+    from megatron_endprompt.prep.passkey_corpus import tail_tokens
+
+    return tail_tokens(build_tokenizer(TOKENIZER[1], tokenizer_model), digits)
 
 
 def _model_flags(s: Settings) -> list[str]:
@@ -382,20 +438,34 @@ def train_run(name: str, argv: list[str], ckpt: str, logs: str, resume: bool) ->
     return summary
 
 
-def train_base(s: Settings, paths: dict, out: str, logs: str, resume: bool) -> dict[str, Any]:
-    """Pretrain at S0 with contiguous positions and no RoPE scaling."""
-    argv = _train_flags(s, paths, s.s0, paths["passkey_s0"], s.base_seed) + [
+def base_dir(out: str, base_seed: int) -> str:
+    """Checkpoint directory of the base pretrained with ``base_seed``."""
+    return os.path.join(out, "ckpt", f"base_seed{base_seed}")
+
+
+def train_base(
+    s: Settings, base_seed: int, paths: dict, out: str, logs: str, resume: bool
+) -> dict[str, Any]:
+    """Pretrain at S0 with contiguous positions and no RoPE scaling; returns its summary."""
+    argv = _train_flags(s, paths, s.s0, paths["passkey_s0"], base_seed) + [
         "--max-position-embeddings", str(s.s0), "--position-mode", "contiguous",
         "--train-iters", str(s.base_iters), "--lr", str(s.base_lr), "--min-lr", str(s.base_min_lr),
         "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(50, s.base_iters // 4)),
     ]  # fmt: skip
-    return train_run("base", argv, os.path.join(out, "ckpt", "base"), logs, resume)
+    name = f"base_seed{base_seed}"
+    return train_run(name, argv, base_dir(out, base_seed), logs, resume)
+
+
+def run_name(method: str, base_seed: int, seed: int | None = None) -> str:
+    """``METHOD_base<b>`` (evaluation-only methods) or ``METHOD_base<b>_seed<s>``."""
+    return f"{method}_base{base_seed}" + ("" if seed is None else f"_seed{seed}")
 
 
 def extend(
-    s: Settings, m: Method, seed: int, paths: dict, out: str, logs: str, resume: bool
-) -> dict[str, Any]:
-    """Fine-tune the base with method ``m`` at the same token budget; returns its summary."""
+    s: Settings, m: Method, base_seed: int, seed: int, paths: dict, out: str, logs: str,
+    resume: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune base ``base_seed`` with method ``m`` at the same token budget; its summary."""
     seq = s.length if m.full_length else s.s0
     passkey = paths["passkey_l"] if m.full_length else paths["passkey_s0"]
     flags = list(m.flags)
@@ -404,13 +474,13 @@ def extend(
     argv = _train_flags(s, paths, seq, passkey, seed) + flags + [
         "--max-position-embeddings", str(s.length), "--target-length", str(s.length),
         *rope_flags(s, s.rope_scaling),
-        "--load", os.path.join(out, "ckpt", "base"), "--finetune",
+        "--load", base_dir(out, base_seed), "--finetune",
         "--train-iters", str(s.extend_iters), "--lr", str(s.extend_lr),
         # megatron-core's schedule needs warm-up shorter than the decay (--train-iters here)
         "--lr-warmup-iters", str(max(0, min(s.warmup_iters, s.extend_iters - 1))),
         "--lr-decay-style", "constant",
     ]  # fmt: skip
-    run = f"{m.name}_seed{seed}"
+    run = run_name(m.name, base_seed, seed)
     return train_run(run, argv, os.path.join(out, "ckpt", run), logs, resume)
 
 
@@ -418,7 +488,7 @@ def evaluate(
     s: Settings, paths: dict, ckpt: str, name: str, out: str, logs: str, resume: bool,
     scaling: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Passkey and perplexity by position at 1x..8x S0; returns report.json's payload."""
+    """Passkey and perplexity by position at 1x..8x S0; returns the library's report.json."""
     report_dir = os.path.join(out, "eval", name)
     report = os.path.join(report_dir, "report.json")
     if not (resume and os.path.isfile(report)):
@@ -437,7 +507,9 @@ def evaluate(
         if scaling:
             cmd += rope_flags(s, scaling)
         run_step(f"evaluate {name}", cmd, os.path.join(logs, f"eval_{name}.log"))
-    return _read_json(report)
+    from megatron_endprompt.eval.summary import read_report
+
+    return read_report(report_dir)
 
 
 # ------------------------------------------------------------------------------- results
@@ -448,35 +520,54 @@ def _by_length(report: dict, metric: str) -> dict[int, float]:
     return {int(k): float(v) for k, v in passkey[f"mean_{metric}_by_length"].items()}
 
 
+def _interval_by_length(report: dict, metric: str) -> dict[int, list[float]] | None:
+    """The report's bootstrap interval per length (None: the report has none)."""
+    got = report["results"]["passkey"].get(f"{metric}_interval_by_length")
+    return {int(k): [float(v[0]), float(v[1])] for k, v in got.items()} if got else None
+
+
+def _mean(xs: list) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _sd(xs: list[float]) -> float | None:
+    """Sample standard deviation (None for fewer than two values)."""
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def row_for(
     name: str, description: str, reports: list[dict], summaries: list[dict | None]
 ) -> dict[str, Any]:
-    """One method's numbers, averaged over its seeds (per-seed values kept)."""
+    """One method's numbers on one base: means and standard deviations over its extension
+    seeds, each seed's values, and (one seed) the evaluation's bootstrap interval."""
     exact = [_by_length(r, "exact_match") for r in reports]
     digits = [_by_length(r, "token_accuracy") for r in reports]
     lengths = sorted(exact[0])
     ppl = [r["results"]["perplexity"] for r in reports]
-
-    def mean(xs):
-        xs = [x for x in xs if x is not None and not math.isnan(x)]
-        return sum(xs) / len(xs) if xs else float("nan")
-
     trained = [x for x in summaries if x]
     return {
         "method": name,
         "description": description,
         "seeds": len(reports),
-        "exact_match": {n: mean([e[n] for e in exact]) for n in lengths},
+        "exact_match": {n: _mean([e[n] for e in exact]) for n in lengths},
+        "exact_match_sd": {n: _sd([e[n] for e in exact]) for n in lengths},
         "exact_match_per_seed": [{n: e[n] for n in lengths} for e in exact],
-        "digit_accuracy": {n: mean([d[n] for d in digits]) for n in lengths},
+        "exact_match_interval": _interval_by_length(reports[0], "exact_match")
+        if len(reports) == 1 else None,
+        "digit_accuracy": {n: _mean([d[n] for d in digits]) for n in lengths},
+        "digit_accuracy_sd": {n: _sd([d[n] for d in digits]) for n in lengths},
         "bucket_edges": ppl[0]["bucket_edges"],
         "perplexity": [
-            mean([p["perplexity"][i] for p in ppl]) for i in range(len(ppl[0]["perplexity"]))
-        ],  # fmt: skip
-        "tokens_per_s": mean([x["tokens_per_s"] for x in trained]) if trained else None,
-        "peak_memory_gib": mean([x["peak_memory_gib"] for x in trained]) if trained else None,
-        "final_loss": mean([x["final_loss"] for x in trained]) if trained else None,
-    }
+            _mean([p["perplexity"][i] for p in ppl]) for i in range(len(ppl[0]["perplexity"]))
+        ],
+        "tokens_per_s": _mean([x["tokens_per_s"] for x in trained]) if trained else None,
+        "peak_memory_gib": _mean([x["peak_memory_gib"] for x in trained]) if trained else None,
+        "final_loss": _mean([x["final_loss"] for x in trained]) if trained else None,
+    }  # fmt: skip
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -485,105 +576,168 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def markdown(s: Settings, rows: list[dict], base_summary: dict, elapsed: float) -> str:
-    """The report: settings, the table and how to read it."""
+def _cell(row: dict, metric: str, n: int) -> str:
+    """``mean ± sd`` over seeds, ``value [lo, hi]`` for one seed with an interval, else value."""
+    value, sd = row[metric][n], row.get(f"{metric}_sd", {}).get(n)
+    if sd is not None:
+        return f"{_fmt(value)} ± {_fmt(sd)}"
+    interval = row.get(f"{metric}_interval")
+    if interval and n in interval:
+        return f"{_fmt(value)} [{_fmt(interval[n][0])}, {_fmt(interval[n][1])}]"
+    return _fmt(value)
+
+
+def long_mean(s: Settings, exact: dict[int, float]) -> float:
+    """Mean exact match over the lengths beyond S0 (2x .. L)."""
+    longer = [n for n in s.eval_lengths if n > s.s0]
+    return sum(exact[n] for n in longer) / len(longer)
+
+
+def bars(s: Settings, rows: list[dict]) -> list[dict[str, Any]]:
+    """REPLICATION_NOTES' bars, checked on the first base: a base at >= 95% passkey exact match
+    at S0 and a full-length control at >= 80% at L. Without both the table ranks nothing."""
+    by = {r["method"]: r for r in rows}
+    out = [{"bar": f"base passkey exact match at S0 = {s.s0}", "threshold": 0.95,
+            "value": by["base"]["exact_match"][s.s0]}]  # fmt: skip
+    if "full_length" in by:
+        value = by["full_length"]["exact_match"][s.length]
+        out.append({"bar": f"full_length passkey exact match at L = {s.length}",
+                    "threshold": 0.80, "value": value})  # fmt: skip
+    for b in out:
+        b["met"] = bool(b["value"] >= b["threshold"])
+    return out
+
+
+def markdown(
+    s: Settings, rows: list[dict], base_rows: dict[int, list[dict]], bases: dict[int, dict],
+    elapsed: float,
+) -> str:  # fmt: skip
+    """The report: settings, the bars, the table (first base), the base-to-base table and how
+    to read them. ``base_rows``: every further base's rows (first extension seed)."""
+    from megatron_endprompt.eval.report import format_table
+
     lengths = sorted(rows[0]["exact_match"])
+    edges = rows[0]["bucket_edges"]
     head = ["method", "seeds"] + [f"passkey@{n}" for n in lengths]
     head += [f"digit acc@{n}" for n in lengths]
-    head += [f"ppl[{a},{b})" for a, b in zip(rows[0]["bucket_edges"], rows[0]["bucket_edges"][1:])]
+    head += [f"ppl[{a},{b})" for a, b in zip(edges, edges[1:])]
     head += ["train tok/s", "peak mem GiB", "final loss"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for r in rows:
         cells = [r["method"], str(r["seeds"])]
-        cells += [_fmt(r["exact_match"][n]) for n in lengths]
-        cells += [_fmt(r["digit_accuracy"][n]) for n in lengths]
+        cells += [_cell(r, "exact_match", n) for n in lengths]
+        cells += [_cell(r, "digit_accuracy", n) for n in lengths]
         cells += [_fmt(p, 1) for p in r["perplexity"]]
         cells += [_fmt(r["tokens_per_s"], 0), _fmt(r["peak_memory_gib"]), _fmt(r["final_loss"], 3)]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    first = s.base_seeds[0]
+    checks = bars(s, rows)
+    bar_lines = [f"- {'MET' if b['met'] else 'NOT MET'}: {b['bar']} = {b['value']:.2f} "
+                 f"(bar {b['threshold']:.2f})" for b in checks]  # fmt: skip
+    if not all(b["met"] for b in checks):
+        bar_lines.append("- The bars are not met: these numbers do not rank the methods.")
+    variance = ""
+    if base_rows:
+        seed = s.seeds[0]
+        vhead = ["method"] + [f"base {b}: passkey@{s.length}" for b in [first, *base_rows]]
+        vhead += [f"base {b}: mean 2x-{s.factor}x" for b in [first, *base_rows]]
+        vrows = []
+        for r in rows:
+            others = [next((x for x in base_rows[b] if x["method"] == r["method"]), None)
+                      for b in base_rows]  # fmt: skip
+            per_base = [_first_seed(r)] + [_first_seed(x) if x else None for x in others]
+            cells = [r["method"]]
+            cells += [_fmt(e[s.length]) if e else "-" for e in per_base]
+            cells += [_fmt(long_mean(s, e)) if e else "-" for e in per_base]
+            vrows.append(cells)
+        variance = (
+            f"Base-to-base variance: every method from each base, extension seed {seed} (the "
+            "main table's seed spread is the extension-to-extension variance).\n\n"
+            + format_table(vrows, vhead)
+        )
     methods = "\n".join(f"- `{r['method']}`: {r['description']}" for r in rows)
     budget = s.extend_iters * s.tokens_per_iter
+    base = bases[first]
     setup = [
         f"- Model: {s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} heads, "
         f"SwiGLU {s.ffn_hidden_size}, RMSNorm, RoPE base {s.rotary_base:g}, SentencePiece "
         f"vocabulary {s.vocab_size}.",
         f"- Base: {s.base_iters} iterations x {s.tokens_per_iter} tokens at S0 = {s.s0}, "
-        f"contiguous positions, no RoPE scaling, seed {s.base_seed} (final loss "
-        f"{_fmt(base_summary['final_loss'], 3)}, {_fmt(base_summary['tokens_per_s'], 0)} "
-        "tokens/s).",
+        f"contiguous positions, no RoPE scaling, base seeds {s.base_seeds} (seed {first}: final "
+        f"loss {_fmt(base['final_loss'], 3)}, {_fmt(base['tokens_per_s'], 0)} tokens/s).",
         f"- Extension: from the base with {s.rope_scaling} RoPE scaling x{s.factor}, lr "
-        f"{s.extend_lr:g} constant "
-        f"({s.warmup_iters} warm-up iterations), the same budget for every method: "
-        f"{s.extend_iters} iterations x {s.tokens_per_iter} tokens = {budget} tokens; seeds "
-        f"{s.seeds}.",
+        f"{s.extend_lr:g} constant ({s.warmup_iters} warm-up iterations), the same budget for "
+        f"every method: {s.extend_iters} iterations x {s.tokens_per_iter} tokens = {budget} "
+        f"tokens; extension seeds {s.seeds} on base {first}.",
         f"- Data: {s.corpus_weight:g} standard library / {1 - s.corpus_weight:g} passkey "
         f"documents of {s.s0} tokens ({s.length} for full_length), episodes of at least "
         f"{s.min_episode_tokens} tokens.",
         f"- Evaluation: {s.digits}-digit pass keys (first digit never 0), exact match (greedy) "
-        f"and digit accuracy (teacher-forced) at "
-        f"depths {s.eval_depths} x {s.eval_trials} trials per length, seed {s.eval_seed}; "
-        f"perplexity by position on {s.ppl_windows} held-out standard-library windows of "
-        f"{s.length} tokens. base, pi_only and scaling_only evaluate the base checkpoint without "
-        f"scaling / with linear PI x{s.factor} / with {s.rope_scaling} x{s.factor}.",
-        f"- Values are means over the seeds (replicate.json holds each seed). Wall time "
-        f"{elapsed / 60:.1f} min.",
+        f"and digit accuracy (teacher-forced) at depths {s.eval_depths} x {s.eval_trials} "
+        f"trials per length, seed {s.eval_seed}; perplexity by position on {s.ppl_windows} "
+        f"held-out standard-library windows of {s.length} tokens. base, pi_only and "
+        f"scaling_only evaluate the base checkpoint without scaling / with linear PI "
+        f"x{s.factor} / with {s.rope_scaling} x{s.factor}.",
+        "- Cells: mean ± standard deviation over the extension seeds; a single run shows its "
+        "95% bootstrap interval over trials (stratified by depth). replicate.json holds every "
+        f"seed. Wall time {elapsed / 60:.1f} min.",
     ]
     title = f"# Small-scale replication: extending S0 = {s.s0} to L = {s.length} (x{s.factor})"
     memory = ("Peak memory is the training process's peak RSS on CPU (interpreter and libraries "
               "included), the allocator's peak on CUDA. Every method processes "
               f"{s.tokens_per_micro_batch} tokens per micro-batch, so memory differs only by the "
               "attention over the longer sequence.\n")  # fmt: skip
-    return "\n\n".join([title, "\n".join(setup), "\n".join(lines), methods, memory])
+    parts = [title, "\n".join(setup), "## Bars\n\n" + "\n".join(bar_lines),
+             f"## Methods from base {first}\n\n" + format_table(table, head)]  # fmt: skip
+    if variance:
+        parts.append("## " + variance)
+    parts += [methods, memory]
+    return "\n\n".join(parts)
+
+
+def _first_seed(row: dict) -> dict[int, float]:
+    """Exact match by length of a row's first extension seed (the base-to-base comparison)."""
+    return row["exact_match_per_seed"][0]
 
 
 def plot(rows: list[dict], path_passkey: str, path_ppl: str) -> list[str]:
-    """Passkey exact match / digit accuracy vs length, and perplexity by position, as PNGs."""
-    import matplotlib
+    """Passkey exact match / digit accuracy vs length, and perplexity by position, as PNGs
+    (the library's plots: error bars are the seeds' standard deviation)."""
+    from megatron_endprompt.eval.report import plot_accuracy_by_length, plot_perplexity_by_position
+    from megatron_endprompt.eval.summary import perplexity_result
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        lengths = sorted(r["exact_match"])
-        axes[0].plot(lengths, [r["exact_match"][n] for n in lengths], marker="o", label=r["method"])
-        axes[1].plot(lengths, [r["digit_accuracy"][n] for n in lengths], marker="o")
-    for ax, title in zip(axes, ("passkey exact match (greedy)", "digit accuracy (teacher-forced)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_passkey, dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {
+        title: {
+            r["method"]: {n: (r[metric][n], r[f"{metric}_sd"].get(n)) for n in r[metric]}
+            for r in rows
+        }
+        for metric, title in (("exact_match", "passkey exact match (greedy)"),
+                              ("digit_accuracy", "digit accuracy (teacher-forced)"))
+    }  # fmt: skip
+    plot_accuracy_by_length(series, path_passkey)
+    ppl = {}
     for r in rows:
         edges = r["bucket_edges"]
-        mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-        ax.plot(mids, r["perplexity"], marker="o", label=r["method"])
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("position (bucket middle)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("perplexity by position, held-out text")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_ppl, dpi=120)
-    plt.close(fig)
+        ppl[r["method"]] = perplexity_result({
+            "length": edges[-1], "bucket_edges": edges, "num_windows": 0,
+            "mean_loss": [math.log(p) for p in r["perplexity"]], "perplexity": r["perplexity"],
+            "token_count": [0] * len(r["perplexity"]), "overall_mean_loss": float("nan"),
+        })  # fmt: skip
+    plot_perplexity_by_position(ppl, path_ppl)
     return [path_passkey, path_ppl]
 
 
 def result_lines(s: Settings, rows: list[dict]) -> list[str]:
     """The RESULT lines (one per headline figure)."""
     by = {r["method"]: r for r in rows}
-    longer = [n for n in s.eval_lengths if n > s.s0]
     out = [f"RESULT base_passkey_exact_at_s0 {by['base']['exact_match'][s.s0]:.4f}"]
+    for b in bars(s, rows):
+        key = "base_bar_met" if b["bar"].startswith("base") else "full_length_bar_met"
+        out.append(f"RESULT {key} {int(b['met'])}")
     for r in rows:
         if r["method"] == "base":
             continue
-        mean_long = sum(r["exact_match"][n] for n in longer) / len(longer)
+        mean_long = long_mean(s, r["exact_match"])
         out.append(f"RESULT {r['method']}_passkey_exact_mean_2x_to_{s.factor}x {mean_long:.4f}")
         out.append(f"RESULT {r['method']}_passkey_exact_at_L {r['exact_match'][s.length]:.4f}")
     full = by.get("full_length")
@@ -613,48 +767,68 @@ def _write_json(path: str, payload: Any) -> None:
     _write(path, json.dumps(payload, indent=2) + "\n")
 
 
+def _check_resume(s: Settings, settings_path: str, out: str) -> None:
+    """More seeds, methods or bases reuse what is done; any other change would mix settings."""
+    before = _read_json(settings_path)
+    settings = dataclasses.asdict(s)
+    changed = sorted(k for k in set(before) | set(settings)
+                     if k not in RESUMABLE and before.get(k) != settings.get(k))  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"--resume: {out} was made with other settings ({', '.join(changed)}; see "
+            f"{settings_path})"
+        )
+
+
+def base_rows_for(
+    s: Settings, base_seed: int, seeds: list[int], paths: dict, out: str, logs: str,
+    resume: bool,
+) -> tuple[dict[str, Any], list[dict]]:  # fmt: skip
+    """Train and evaluate base ``base_seed`` and every method from it with ``seeds``;
+    returns ``(the base's training summary, one row per method, the base first)``."""
+    summary = train_base(s, base_seed, paths, out, logs, resume)
+    ckpt = base_dir(out, base_seed)
+    report = evaluate(s, paths, ckpt, run_name("base", base_seed), out, logs, resume)
+    rows = [row_for("base", "the S0 model, no scaling (extrapolates past S0)", [report], [None])]
+    for m in (x for x in METHODS if x.name in s.methods):
+        reports, summaries = [], []
+        if not m.trains:
+            name = run_name(m.name, base_seed)
+            scaling = m.scaling or s.rope_scaling
+            reports.append(evaluate(s, paths, ckpt, name, out, logs, resume, scaling))
+            summaries.append(None)
+        for seed in seeds if m.trains else ():
+            summaries.append(extend(s, m, base_seed, seed, paths, out, logs, resume))
+            run = run_name(m.name, base_seed, seed)
+            reports.append(evaluate(s, paths, os.path.join(out, "ckpt", run), run, out, logs,
+                                    resume))  # fmt: skip
+        rows.append(row_for(m.name, m.description, reports, summaries))
+    return summary, rows
+
+
 def replicate(s: Settings, out: str, resume: bool) -> list[str]:
     """Run every step; returns the RESULT lines."""
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     settings_path = os.path.join(out, "settings.json")
-    settings = dataclasses.asdict(s)
     if resume and os.path.isfile(settings_path):
-        before = _read_json(settings_path)
-        # More seeds or methods reuse what is done; any other change would mix settings.
-        changed = sorted(k for k in set(before) | set(settings)
-                         if k not in RESUMABLE and before.get(k) != settings.get(k))  # fmt: skip
-        if changed:
-            raise ValueError(
-                f"--resume: {out} was made with other settings ({', '.join(changed)}; see "
-                f"{settings_path})"
-            )
-    _write_json(settings_path, settings)
+        _check_resume(s, settings_path, out)
+    _write_json(settings_path, dataclasses.asdict(s))
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     paths = prepare_data(s, out, logs, resume)
-    base = train_base(s, paths, out, logs, resume)
-    base_ckpt = os.path.join(out, "ckpt", "base")
-    base_report = evaluate(s, paths, base_ckpt, "base", out, logs, resume)
-    rows = [
-        row_for("base", "the S0 model, no scaling (extrapolates past S0)", [base_report], [None])
-    ]
-    for m in (x for x in METHODS if x.name in s.methods):
-        reports, summaries = [], []
-        if not m.trains:
-            scaling = m.scaling or s.rope_scaling
-            reports.append(evaluate(s, paths, base_ckpt, m.name, out, logs, resume, scaling))
-            summaries.append(None)
-        for seed in s.seeds if m.trains else ():
-            summaries.append(extend(s, m, seed, paths, out, logs, resume))
-            run = f"{m.name}_seed{seed}"
-            ckpt = os.path.join(out, "ckpt", run)
-            reports.append(evaluate(s, paths, ckpt, run, out, logs, resume))
-        rows.append(row_for(m.name, m.description, reports, summaries))
+    first, others = s.base_seeds[0], s.base_seeds[1:]
+    bases, base_rows = {}, {}
+    bases[first], rows = base_rows_for(s, first, s.seeds, paths, out, logs, resume)
+    for b in others:
+        bases[b], base_rows[b] = base_rows_for(s, b, s.seeds[:1], paths, out, logs, resume)
     elapsed = time.perf_counter() - start
-    md = markdown(s, rows, base, elapsed)
+    md = markdown(s, rows, base_rows, bases, elapsed)
     _write(os.path.join(out, "replicate.md"), md)
-    payload = {"settings": dataclasses.asdict(s), "base_train": base, "rows": rows,
+    payload = {"settings": dataclasses.asdict(s), "base_train": bases[first], "rows": rows,
+               "bars": bars(s, rows),
+               "other_bases": {str(b): {"base_train": bases[b], "rows": base_rows[b]}
+                               for b in others},
                "tail_tokens": paths["tail_tokens"], "elapsed_s": elapsed}  # fmt: skip
     _write_json(os.path.join(out, "replicate.json"), payload)
     pngs = plot(rows, os.path.join(out, "replicate_passkey.png"),
@@ -665,17 +839,32 @@ def replicate(s: Settings, out: str, resume: bool) -> list[str]:
     return result_lines(s, rows)
 
 
+SETTING_FLAGS = (
+    "s0", "factor", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "rotary_base", "rope_scaling", "tokens_per_iter", "base_iters", "base_lr", "extend_iters",
+    "extend_lr", "eval_trials", "ppl_windows", "corpus_weight",
+)  # fmt: skip
+"""Settings with a flag of their own (``--base-iters`` for ``base_iters``)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--output", default=os.path.join(ROOT, "outputs", "replicate_small"))
     p.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run, for tests).")
     p.add_argument("--resume", action="store_true", help="Reuse finished steps in --output.")
-    p.add_argument("--seeds", help="Extension seeds, comma-separated (default 1).")
+    p.add_argument("--seeds", help="Extension seeds, comma-separated (default 1,2,3).")
+    p.add_argument(
+        "--base-seeds",
+        help="Base seeds, comma-separated (default 1,2): the first base gets every extension "
+        "seed, the others the first one (base-to-base variance).",
+    )
     p.add_argument("--methods", help=f"Comma-separated subset of {','.join(METHOD_NAMES)}.")
-    p.add_argument("--base-iters", type=int, help="Base pretraining iterations.")
-    p.add_argument("--extend-iters", type=int, help="Extension iterations (every method).")
-    p.add_argument("--eval-trials", type=int, help="Passkey trials per (length, depth) cell.")
+    defaults = Settings()
+    for name in SETTING_FLAGS:
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value),
+                       help=f"Setting {name} (default {value}; --quick has its own).")  # fmt: skip
     return p
 
 
@@ -684,11 +873,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(**(QUICK if args.quick else {}))
     if args.seeds:
         s.seeds = parse_csv(args.seeds, "--seeds", int)
+    if args.base_seeds:
+        s.base_seeds = parse_csv(args.base_seeds, "--base-seeds", int)
     if args.methods:
         s.methods = parse_csv(args.methods, "--methods", str)
-    for flag in ("base_iters", "extend_iters", "eval_trials"):
-        if getattr(args, flag) is not None:
-            setattr(s, flag, getattr(args, flag))
+    for name in SETTING_FLAGS:
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
     check_settings(s)
     return s
 
@@ -699,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from_args(args)
         lines = replicate(s, os.path.abspath(args.output), args.resume)
-    except (ValueError, StepFailed) as err:
+    except (ValueError, FileNotFoundError, StepFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

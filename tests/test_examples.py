@@ -1,5 +1,6 @@
 """The README's main job and the launch examples keep working (so the docs never rot)."""
 
+import json
 import os
 import shlex
 import shutil
@@ -54,10 +55,18 @@ def test_quickstart_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
     assert "quickstart done" in out
-    assert out.count("TRAIN_SUMMARY") == 2
-    # The long-context table: one row per model, passkey and perplexity columns.
-    for row in ("| base (S=256) |", "| PI x8, no training |", "| EndPrompt, PI x8 |"):
+    assert out.count("TRAIN_SUMMARY") == 3
+    # The long-context table: one row per model (the control too), perplexity by position; no
+    # passkey columns (all zeros at this size), one line pointing to the replication instead.
+    rows = ("| base (S=256) |", "| PI x8, no training |", "| PI x8 + contiguous S=256 (control) |",
+            "| EndPrompt, PI x8 |")  # fmt: skip
+    for row in rows:
         assert row in out
+    assert "passkey@" not in out and "examples/replicate_small.sh" in out
+    # The control trained on the EndPrompt run's budget: same iterations and physical length.
+    summaries = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
+                 if line.startswith("TRAIN_SUMMARY")]  # fmt: skip
+    assert summaries[1]["consumed_samples"] == summaries[2]["consumed_samples"] > 0
     assert (tmp_path / "qs_smoke" / "tb" / "endprompt" / "loss_curve.png").is_file()
     compare = tmp_path / "qs_smoke" / "eval" / "compare"
     assert (compare / "compare.md").is_file() and (compare / "compare_perplexity.png").is_file()

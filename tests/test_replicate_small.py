@@ -24,6 +24,11 @@ def test_eval_lengths_double_up_to_the_factor():
     [
         (["--methods", "pi_only,nope"], "--methods"),
         (["--seeds", "1,1"], "--seeds"),
+        (["--base-seeds", "3,3"], "--base-seeds"),
+        (["--eval-trials", "0"], "--eval-trials"),
+        (["--corpus-weight", "1.0"], "--corpus-weight"),
+        (["--hidden-size", "130", "--num-attention-heads", "4"], "--hidden-size"),
+        (["--rope-scaling", "nope"], "--rope-scaling"),
         (["--base-iters", "0"], "--base-iters"),
         (["--extend-iters", "-1"], "--extend-iters"),
     ],
@@ -61,12 +66,23 @@ def test_rows_average_seeds_and_keep_each_seed():
     ]
     row = rs.row_for("m", "d", reports, summaries)
     assert row["exact_match"] == {128: 0.75, 256: 0.25}
+    # sample standard deviation of two values a, b: |a - b| / sqrt(2)
+    assert row["exact_match_sd"] == pytest.approx({128: 0.5 / 2**0.5, 256: 0.5 / 2**0.5})
+    assert row["exact_match_interval"] is None  # several seeds: the spread is the seeds'
+    assert rs._cell(row, "exact_match", 128) == "0.75 ± 0.35"
     assert row["digit_accuracy"] == pytest.approx({128: 0.95, 256: 0.7})
     assert row["exact_match_per_seed"] == [{128: 1.0, 256: 0.5}, {128: 0.5, 256: 0.0}]
     assert row["perplexity"] == [11.0, 25.0]
     assert (row["tokens_per_s"], row["peak_memory_gib"], row["final_loss"]) == (200.0, 1.5, 1.5)
     untrained = rs.row_for("pi_only", "d", reports[:1], [None])
     assert untrained["tokens_per_s"] is None and untrained["seeds"] == 1
+    assert untrained["exact_match_sd"] == {128: None, 256: None}
+    assert rs._cell(untrained, "exact_match", 256) == "0.50"  # no interval in this report
+    with_interval = _report({128: 0.5}, {128: 0.5}, [10.0, 20.0])
+    with_interval["results"]["passkey"]["exact_match_interval_by_length"] = {"128": [0.25, 0.75]}
+    one = rs.row_for("pi_only", "d", [with_interval], [None])
+    assert one["exact_match_interval"] == {128: [0.25, 0.75]}
+    assert rs._cell(one, "exact_match", 128) == "0.50 [0.25, 0.75]"
 
 
 def test_result_lines_from_rows():
@@ -78,10 +94,70 @@ def test_result_lines_from_rows():
             "tokens_per_s": 1500.0, "peak_memory_gib": 1.0}  # fmt: skip
     lines = rs.result_lines(s, [base, full, tail])
     assert "RESULT base_passkey_exact_at_s0 0.9600" in lines
+    assert "RESULT base_bar_met 1" in lines  # 0.96 >= 0.95
+    assert "RESULT full_length_bar_met 0" in lines  # 0.60 < 0.80 at L = 512
     assert "RESULT full_length_passkey_exact_mean_2x_to_4x 0.7500" in lines
     assert "RESULT endprompt_tail_fixed_passkey_exact_at_L 0.2000" in lines
     assert "RESULT endprompt_tail_fixed_vs_full_length_tokens_per_s_ratio 1.500" in lines
     assert "RESULT endprompt_tail_fixed_vs_full_length_peak_memory_ratio 0.500" in lines
+
+
+def test_bars_name_what_is_missing():
+    s = rs.Settings(s0=128, factor=4)
+    rows = [{"method": "base", "exact_match": {128: 0.9}},
+            {"method": "full_length", "exact_match": {512: 0.85}}]  # fmt: skip
+    got = {b["bar"]: (b["value"], b["met"]) for b in rs.bars(s, rows)}
+    assert got == {"base passkey exact match at S0 = 128": (0.9, False),
+                   "full_length passkey exact match at L = 512": (0.85, True)}  # fmt: skip
+
+
+def test_orchestration_extends_the_first_base_with_every_seed_the_others_with_one(
+    tmp_path, monkeypatch
+):
+    """Every step stubbed: which runs happen, from which base, and what the report shows."""
+    s = rs.Settings(s0=128, factor=2, base_seeds=[5, 7], seeds=[1, 2, 3],
+                    methods=["pi_only", "full_length", "short_contiguous"])  # fmt: skip
+    trained, evaluated = [], []
+
+    def fake_train_run(name, argv, ckpt, logs, resume):
+        base = argv[argv.index("--load") + 1] if "--load" in argv else None
+        trained.append((name, base, argv[argv.index("--seed") + 1]))
+        return {"tokens_per_s": 10.0, "peak_memory_gib": 1.0, "final_loss": 1.0}
+
+    def fake_evaluate(s_, paths, ckpt, name, out, logs, resume, scaling=None):
+        evaluated.append((name, os.path.basename(ckpt), scaling))
+        # a number that identifies the run: base 5 -> 0.5.., base 7 -> 0.7..; seed in 1e-2
+        value = (0.5 if "seed5" in ckpt or "base5" in ckpt else 0.7) + 0.01 * len(evaluated)
+        return _report({128: value, 256: value}, {128: value, 256: value}, [10.0, 20.0])
+
+    data = {k: str(tmp_path / k) for k in ("tokenizer", "corpus", "passkey_s0", "passkey_l")}
+    monkeypatch.setattr(rs, "prepare_data", lambda *a: {**data, "tail_tokens": 12})
+    monkeypatch.setattr(rs, "train_run", fake_train_run)
+    monkeypatch.setattr(rs, "evaluate", fake_evaluate)
+    monkeypatch.setattr(rs, "plot", lambda rows, a, b: [a, b])
+    lines = rs.replicate(s, str(tmp_path), resume=False)
+    out = str(tmp_path)
+    assert [t[0] for t in trained] == [
+        "base_seed5", "full_length_base5_seed1", "full_length_base5_seed2",
+        "full_length_base5_seed3", "short_contiguous_base5_seed1", "short_contiguous_base5_seed2",
+        "short_contiguous_base5_seed3",
+        "base_seed7", "full_length_base7_seed1", "short_contiguous_base7_seed1",
+    ]  # fmt: skip
+    # base seeds are the bases' --seed; extensions load their own base with their own seed
+    assert trained[0][1:] == (None, "5") and trained[7][1:] == (None, "7")
+    assert trained[2][1:] == (os.path.join(out, "ckpt", "base_seed5"), "2")
+    assert trained[9][1:] == (os.path.join(out, "ckpt", "base_seed7"), "1")
+    assert ("pi_only_base7", "base_seed7", "linear") in evaluated
+    payload = json.loads((tmp_path / "replicate.json").read_text())
+    assert [r["method"] for r in payload["rows"]] == ["base", "pi_only", "full_length",
+                                                      "short_contiguous"]  # fmt: skip
+    assert payload["rows"][2]["seeds"] == 3
+    assert [r["seeds"] for r in payload["other_bases"]["7"]["rows"]] == [1, 1, 1, 1]
+    md = (tmp_path / "replicate.md").read_text()
+    assert "Base-to-base variance" in md and "base 7: passkey@256" in md
+    assert "NOT MET" in md and "do not rank the methods" in md  # base values < 0.95
+    assert "RESULT base_bar_met 0" in lines
+    assert "RESULT short_contiguous_passkey_exact_at_L" in " ".join(lines)
 
 
 @pytest.mark.slow
@@ -108,7 +184,7 @@ def test_quick_replication_runs_every_method_on_one_budget_and_resumes(tmp_path)
     for m in rs.METHODS:
         if not m.trains:
             continue
-        run = quick / "ckpt" / f"{m.name}_seed1" / "train_summary.json"
+        run = quick / "ckpt" / f"{m.name}_base1_seed1" / "train_summary.json"
         summary = json.loads(run.read_text())
         seq = length if m.full_length else s["s0"]
         assert summary["consumed_samples"] * seq == s["extend_iters"] * s["tokens_per_iter"]

@@ -8,6 +8,10 @@
     python tools/evaluate.py compare eval/base eval/pi_only eval/endprompt --output eval/all
 
 ``--load`` reads per-shard and dist_checkpointing checkpoints at any saved TP/PP/VPP layout.
+Accuracies and perplexities come with percentile-bootstrap intervals (``--interval-level``,
+default 0.95; ``--bootstrap-resamples``, default 2000, 0 turns them off), shown as
+``mean [low, high]`` in report.md, the summary and ``compare``. ``--no-progress`` prints plain
+progress lines with an ETA on stderr instead of progress bars.
 
 Exit status: 0 on success, 2 on bad flags or input (one ``error:`` line on stderr), 130 when
 interrupted. ``--help`` lists every flag.

@@ -11,9 +11,12 @@ training) at any saved TP/PP/VPP layout; under torchrun each process is one tens
 and rank 0 writes the reports (``eval/parallel.py``). An evaluation writes ``report.json`` /
 ``report.md`` (every number, plus the run description: checkpoint, RoPE scaling, seeds,
 tokenizer), ``passkey_heatmap.png`` and ``perplexity_by_position.png`` into ``--output`` and
-prints a summary table. ``compare`` merges several report directories into ``compare.md`` (one row
-per model) and ``compare_perplexity.png``. Exit status: 0 on success, 2 on bad flags or input
-(one ``error:`` line on stderr), 130 when interrupted.
+prints a summary table. Every accuracy and perplexity comes with a percentile-bootstrap interval
+(``--interval-level``, ``--bootstrap-resamples``; 0 resamples turns them off), shown as
+``mean [low, high]``. ``--no-progress`` replaces the progress bars with one plain stderr line per
+step with an ETA (for logs). ``compare`` merges several report directories into ``compare.md``
+(one row per model) and ``compare_perplexity.png``. Exit status: 0 on success, 2 on bad flags or
+input (one ``error:`` line on stderr), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from typing import Any
 
 from megatron_endprompt.atomic_io import atomic_write_text
 from megatron_endprompt.cli_utils import parse_csv
+from megatron_endprompt.eval.intervals import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    check_interval_options,
+)
 
 TASKS = ("passkey", "needle", "perplexity")
 
@@ -78,7 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tensor-model-parallel-size", type=int, help="TP size (default: torchrun's processes)."
     )
-    p.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    p.add_argument(
+        "--interval-level",
+        type=float,
+        default=DEFAULT_LEVEL,
+        help="Coverage of the bootstrap intervals, in (0, 1) (default 0.95).",
+    )
+    p.add_argument(
+        "--bootstrap-resamples",
+        type=int,
+        default=DEFAULT_RESAMPLES,
+        help="Bootstrap resamples of the intervals (default 2000; 0: no intervals).",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="No progress bars: print one plain progress line with an ETA per step instead.",
+    )
     return p
 
 
@@ -98,6 +122,13 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("trials", "passkey_digits", "ppl_max_windows", "ppl_batch_size", "ppl_length"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    try:
+        check_interval_options(
+            args.interval_level, args.bootstrap_resamples,
+            level_name="--interval-level", resamples_name="--bootstrap-resamples",
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if min(args.length_list) < 1:
         raise UsageError(f"--lengths {args.lengths!r}: lengths must be >= 1")
     if "perplexity" in args.task_list and bool(args.ppl_data) == bool(args.ppl_jsonl):
@@ -189,18 +220,23 @@ def run_tasks(args, logits_fn, tokenizer, max_pos, ppl_docs) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     progress = not args.no_progress
+    common = dict(
+        interval_level=args.interval_level,
+        bootstrap_resamples=args.bootstrap_resamples,
+        progress_lines=getattr(args, "progress_lines", False),
+    )
     if "passkey" in args.task_list:
         with _flag_errors("--lengths / --depths (passkey)"):
             results["passkey"] = evaluate_passkey(
                 logits_fn, tokenizer, args.length_list, args.depth_list, args.trials,
-                args.seed, max_pos, args.passkey_digits, progress,
+                args.seed, max_pos, args.passkey_digits, progress, **common,
             )  # fmt: skip
     if "needle" in args.task_list:
         for task in args.needle_list:
             with _flag_errors(f"--lengths / --needle-tasks (needle {task})"):
                 results[f"needle_{task}"] = evaluate_needle(
                     logits_fn, tokenizer, task, args.length_list, args.trials, args.seed,
-                    max_pos, progress=progress,
+                    max_pos, progress=progress, **common,
                 )  # fmt: skip
     if "perplexity" in args.task_list:
         length = args.ppl_length
@@ -209,7 +245,7 @@ def run_tasks(args, logits_fn, tokenizer, max_pos, ppl_docs) -> dict[str, Any]:
         edges = default_bucket_edges(length, first=max(1, length // 8))
         results["perplexity"] = perplexity_by_position(
             logits_fn, ppl_docs, length, edges, args.ppl_batch_size, args.ppl_max_windows,
-            progress,
+            progress, **common,
         )  # fmt: skip
     return results
 
@@ -222,6 +258,8 @@ def write_outputs(results: dict[str, Any], args: argparse.Namespace, meta: dict)
     if "passkey" in results:
         png = os.path.join(args.output, "passkey_heatmap.png")
         paths.append(report.plot_passkey_heatmap(results["passkey"], png))
+        png = os.path.join(args.output, "passkey_by_length.png")
+        paths.append(report.plot_passkey_by_length(results["passkey"], png))
     if "perplexity" in results:
         png = os.path.join(args.output, "perplexity_by_position.png")
         paths.append(report.plot_perplexity_by_position({args.name: results["perplexity"]}, png))
@@ -252,6 +290,8 @@ def evaluate(argv: Sequence[str] | None) -> int:
         raise UsageError("--hf-dir evaluates in one process; launch it without torchrun")
     ranks = parallel.start(device, args.tensor_model_parallel_size)
     try:
+        # --no-progress swaps the bars for plain lines; other ranks print neither.
+        args.progress_lines = args.no_progress and ranks.is_main
         args.no_progress = args.no_progress or not ranks.is_main
         results, meta = _evaluate_model(args, tokenizer, parallel.local_device(device, ranks))
         if ranks.is_main:
@@ -289,6 +329,10 @@ def _evaluate_model(args: argparse.Namespace, tokenizer: Any, device: str) -> tu
         "seeds": {"eval": args.seed, **meta.get("seeds", {})},
         "tokenizer": {"type": args.tokenizer_type, "model": args.tokenizer_model},
         "device": device,
+        "interval_level": args.interval_level,
+        "bootstrap_resamples": args.bootstrap_resamples,
+        "interval_method": "percentile bootstrap (passkey: trials within depths; "
+        "needle: trials; perplexity: windows)",
     }
     return results, meta
 

@@ -9,7 +9,9 @@ depths (sentence boundaries of the filler). Tasks:
 
 Score of a trial (as RULER): the fraction of the expected numbers that appear as substrings of
 the greedy answer, so 0/1 for ``single`` and ``multikey``. Words and numbers come from a
-generator seeded by (seed, task, length, trial), so a prompt never changes between runs.
+generator seeded by (seed, task, length, trial), so a prompt never changes between runs. Every
+trial's score is kept (``scores``), and a percentile-bootstrap interval of each length's mean
+(``eval/intervals.py``) comes with it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from megatron_endprompt.eval.intervals import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    bootstrap_mean_interval,
+    check_interval_options,
+)
 from megatron_endprompt.eval.passkey import check_lengths, check_positive_ints
+from megatron_endprompt.eval.progress import ProgressLines
 from megatron_endprompt.eval.scoring import LogitsFn, greedy_decode
 from megatron_endprompt.passkey_text import Tokenizer, build_haystack
 
@@ -129,10 +138,44 @@ class NeedleResult:
     trials: int
     seed: int
     accuracy: list[float] = field(default_factory=list)
+    # Score of every trial: scores[length][trial] (empty for a result of means only).
     scores: list[list[float]] = field(default_factory=list)
+    # Percentile-bootstrap intervals: their level and resample count (0: no intervals).
+    interval_level: float = DEFAULT_LEVEL
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    bootstrap_seed: int = 0
+
+    @property
+    def has_intervals(self) -> bool:
+        """Whether per-trial scores are kept and intervals are enabled (resamples >= 1)."""
+        return bool(self.scores) and self.bootstrap_resamples > 0
+
+    def interval_by_length(
+        self, level: float | None = None, resamples: int | None = None, seed: int | None = None
+    ) -> dict[int, tuple[float, float]]:
+        """Bootstrap interval (over trials) of each length's mean score.
+
+        ``level`` / ``resamples`` / ``seed`` default to the result's ``interval_level``,
+        ``bootstrap_resamples`` and ``bootstrap_seed``.
+
+        Raises:
+            ValueError: for a result without per-trial scores, or bad level / resamples.
+        """
+        if not self.scores:
+            raise ValueError("scores: this result keeps no per-trial scores")
+        level = self.interval_level if level is None else level
+        resamples = self.bootstrap_resamples if resamples is None else resamples
+        seed = self.bootstrap_seed if seed is None else seed
+        return {
+            n: bootstrap_mean_interval(row, level=level, resamples=resamples, seed=seed)
+            for n, row in zip(self.lengths, self.scores)
+        }
 
     def to_dict(self) -> dict:
         """Every number, JSON-ready."""
+        intervals = None
+        if self.has_intervals:
+            intervals = {str(k): list(v) for k, v in self.interval_by_length().items()}
         return {
             "task": f"needle_{self.task}",
             "lengths": self.lengths,
@@ -140,6 +183,10 @@ class NeedleResult:
             "seed": self.seed,
             "accuracy": self.accuracy,
             "scores": self.scores,
+            "accuracy_interval_by_length": intervals,
+            "interval_level": self.interval_level,
+            "bootstrap_resamples": self.bootstrap_resamples,
+            "bootstrap_seed": self.bootstrap_seed,
         }
 
 
@@ -154,6 +201,9 @@ def evaluate_needle(
     num_distractors: int = 3,
     num_values: int = 4,
     progress: bool = True,
+    interval_level: float = DEFAULT_LEVEL,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    progress_lines: bool = False,
 ) -> NeedleResult:
     """Greedy-decoding score of a needle task at each length, averaged over ``trials``.
 
@@ -168,6 +218,10 @@ def evaluate_needle(
         num_distractors: other-word needles for ``multikey``.
         num_values: numbers of the ``multivalue`` word.
         progress: show a tqdm bar on stderr.
+        interval_level: coverage of the per-length bootstrap intervals, in (0, 1).
+        bootstrap_resamples: bootstrap resamples (0: no intervals).
+        progress_lines: print progress lines with an ETA on stderr (a few per length; for
+            logs, with ``progress=False``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -175,7 +229,13 @@ def evaluate_needle(
     check_positive_ints("trials", [trials])
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    result = NeedleResult(task, lengths, trials, seed)
+    check_interval_options(interval_level, bootstrap_resamples)
+    result = NeedleResult(
+        task, lengths, trials, seed,
+        interval_level=float(interval_level), bootstrap_resamples=int(bootstrap_resamples),
+    )  # fmt: skip
+    lines = ProgressLines(len(lengths) * trials, enabled=progress_lines)
+    every = max(1, -(-trials // 4))  # about four lines per length
     bar = tqdm(
         total=len(lengths) * trials, desc=f"needle/{task}", file=sys.stderr, disable=not progress
     )
@@ -191,6 +251,9 @@ def evaluate_needle(
                 )
                 row.append(score_answer(tokenizer.detokenize(generated), prompt.expected))
                 bar.update(1)
+                lines.update(1)
+                if (trial + 1) % every == 0 or trial + 1 == trials:
+                    lines.report(f"needle/{task}@{length}", trial + 1, trials, "trials")
             result.scores.append(row)
             result.accuracy.append(float(np.mean(row)))
     return result

@@ -10,7 +10,10 @@ A prompt of exactly ``length`` tokens: repeated filler sentences with one needle
   A token without a digit (SentencePiece's lone leading "▁", the byte tokenizer's space) is not
   scored: it is predictable without retrieving anything. Stored as ``token_accuracy``.
 
-The greedy answer text of every trial is kept too (``answers``), to read what a model said.
+The greedy answer text of every trial is kept too (``answers``), to read what a model said, and
+so is every trial's score (``exact_match_trials``, ``token_accuracy_trials``): the percentile
+bootstrap of ``eval/intervals.py`` turns them into an uncertainty interval of each length's mean
+(trials resampled within each depth).
 
 Prompts are built at the token level (each sentence tokenized once, with a leading space so the
 pieces join like running text), which makes the length exact for any tokenizer. The length counts
@@ -27,6 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from megatron_endprompt.eval.intervals import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    bootstrap_mean_interval,
+    check_interval_options,
+)
+from megatron_endprompt.eval.progress import ProgressLines
 from megatron_endprompt.eval.scoring import LogitsFn, greedy_decode, teacher_forced_token_correct
 from megatron_endprompt.passkey_text import NEEDLE, QUESTION, Tokenizer, build_haystack
 
@@ -120,13 +130,64 @@ class PasskeyResult:
     token_accuracy: list[list[float]] = field(default_factory=list)
     # Greedy answer text of every trial: answers[length][depth][trial].
     answers: list[list[list[str]]] = field(default_factory=list)
+    # Score of every trial, [length][depth][trial]: exact match 0/1, digit accuracy fractions.
+    # Empty for a result built from cell means only (then it has no intervals).
+    exact_match_trials: list[list[list[float]]] = field(default_factory=list)
+    token_accuracy_trials: list[list[list[float]]] = field(default_factory=list)
+    # Percentile-bootstrap intervals: their level and resample count (0: no intervals).
+    interval_level: float = DEFAULT_LEVEL
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    bootstrap_seed: int = 0
 
     def mean_by_length(self, metric: str = "exact_match") -> dict[int, float]:
         """Mean over depths of ``metric`` ("exact_match" or "token_accuracy") per length."""
-        if metric not in ("exact_match", "token_accuracy"):
-            raise ValueError(f"metric must be exact_match or token_accuracy, got {metric!r}")
+        _check_metric(metric)
         grid = getattr(self, metric)
         return {n: float(np.mean(row)) for n, row in zip(self.lengths, grid)}
+
+    @property
+    def has_intervals(self) -> bool:
+        """Whether per-trial scores are kept and intervals are enabled (resamples >= 1)."""
+        return bool(self.exact_match_trials) and self.bootstrap_resamples > 0
+
+    def interval_by_length(
+        self,
+        metric: str = "exact_match",
+        level: float | None = None,
+        resamples: int | None = None,
+        seed: int | None = None,
+    ) -> dict[int, tuple[float, float]]:
+        """Bootstrap interval of each length's mean ``metric``, trials resampled within depths.
+
+        Args:
+            metric: "exact_match" or "token_accuracy".
+            level / resamples / seed: default to the result's ``interval_level``,
+                ``bootstrap_resamples`` and ``bootstrap_seed``.
+
+        Raises:
+            ValueError: for an unknown metric, a result without per-trial scores, or bad
+                level / resamples.
+        """
+        _check_metric(metric)
+        trials = getattr(self, f"{metric}_trials")
+        if not trials:
+            raise ValueError(f"{metric}_trials: this result keeps no per-trial scores")
+        level = self.interval_level if level is None else level
+        resamples = self.bootstrap_resamples if resamples is None else resamples
+        seed = self.bootstrap_seed if seed is None else seed
+        out = {}
+        for n, row in zip(self.lengths, trials):
+            values = [v for cell in row for v in cell]
+            strata = [d for d, cell in enumerate(row) for _ in cell]
+            out[n] = bootstrap_mean_interval(
+                values, level=level, resamples=resamples, seed=seed, strata=strata
+            )
+        return out
+
+    def _intervals_json(self, metric: str) -> dict[str, list[float]] | None:
+        if not self.has_intervals:
+            return None
+        return {str(k): list(v) for k, v in self.interval_by_length(metric).items()}
 
     def to_dict(self) -> dict:
         """Every number, JSON-ready."""
@@ -140,11 +201,23 @@ class PasskeyResult:
             "exact_match": self.exact_match,
             "token_accuracy": self.token_accuracy,
             "answers": self.answers,
+            "exact_match_trials": self.exact_match_trials,
+            "token_accuracy_trials": self.token_accuracy_trials,
             "mean_exact_match_by_length": {str(k): v for k, v in self.mean_by_length().items()},
             "mean_token_accuracy_by_length": {
                 str(k): v for k, v in self.mean_by_length("token_accuracy").items()
             },
+            "exact_match_interval_by_length": self._intervals_json("exact_match"),
+            "token_accuracy_interval_by_length": self._intervals_json("token_accuracy"),
+            "interval_level": self.interval_level,
+            "bootstrap_resamples": self.bootstrap_resamples,
+            "bootstrap_seed": self.bootstrap_seed,
         }
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in ("exact_match", "token_accuracy"):
+        raise ValueError(f"metric must be exact_match or token_accuracy, got {metric!r}")
 
 
 def score_passkey_trial(
@@ -181,6 +254,9 @@ def evaluate_passkey(
     max_position: int | None = None,
     digits: int = 5,
     progress: bool = True,
+    interval_level: float = DEFAULT_LEVEL,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    progress_lines: bool = False,
 ) -> PasskeyResult:
     """Passkey retrieval accuracy for every (length, depth) cell, ``trials`` keys each.
 
@@ -194,13 +270,22 @@ def evaluate_passkey(
         max_position: the model's context window; None skips the check.
         digits: key digits.
         progress: show a tqdm bar on stderr.
+        interval_level: coverage of the per-length bootstrap intervals, in (0, 1).
+        bootstrap_resamples: bootstrap resamples (0: no intervals).
+        progress_lines: print one line with an ETA per finished (length, depth) cell on stderr
+            (for logs, with ``progress=False``).
     """
     lengths = check_lengths(lengths, max_position)
     depths = check_depths(depths)
     check_positive_ints("trials", [trials])
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    result = PasskeyResult(lengths, depths, trials, seed, digits)
+    check_interval_options(interval_level, bootstrap_resamples)
+    result = PasskeyResult(
+        lengths, depths, trials, seed, digits,
+        interval_level=float(interval_level), bootstrap_resamples=int(bootstrap_resamples),
+    )  # fmt: skip
+    lines = ProgressLines(len(lengths) * len(depths) * trials, enabled=progress_lines)
     bar = tqdm(
         total=len(lengths) * len(depths) * trials,
         desc="passkey",
@@ -209,17 +294,23 @@ def evaluate_passkey(
     )
     with bar:
         for length in lengths:
-            exact_row, token_row, answer_row = [], [], []
-            for depth in depths:
+            exact_row, token_row, answer_row, exact_trials, token_trials = [], [], [], [], []
+            for d, depth in enumerate(depths):
                 scores = []
                 for trial in range(trials):
                     prompt = make_passkey_prompt(tokenizer, length, depth, seed, trial, digits)
                     scores.append(score_passkey_trial(logits_fn, tokenizer, prompt))
                     bar.update(1)
-                exact_row.append(float(np.mean([s[0] for s in scores])))
-                token_row.append(float(np.mean([s[1] for s in scores])))
+                    lines.update(1)
+                exact_trials.append([float(s[0]) for s in scores])
+                token_trials.append([float(s[1]) for s in scores])
+                exact_row.append(float(np.mean(exact_trials[-1])))
+                token_row.append(float(np.mean(token_trials[-1])))
                 answer_row.append([s[2] for s in scores])
+                lines.report(f"passkey@{length}", (d + 1) * trials, len(depths) * trials, "trials")
             result.exact_match.append(exact_row)
             result.token_accuracy.append(token_row)
             result.answers.append(answer_row)
+            result.exact_match_trials.append(exact_trials)
+            result.token_accuracy_trials.append(token_trials)
     return result

@@ -5,6 +5,12 @@ Each held-out document with at least ``L + 1`` tokens is cut into windows of ``L
 is scored as ``L`` inputs at contiguous positions 0..L-1; the loss of the prediction made at input
 position p goes to the bucket holding p. Per bucket: mean loss, perplexity = exp(mean loss) and
 token count. The default buckets double: [0, 256), [256, 512), [512, 1024), ... up to L.
+
+Every window's mean loss per bucket is kept too (``window_mean_loss[window][bucket]``). Each
+window puts the same number of tokens into a bucket, so a bucket's mean loss is the mean of its
+per-window means, and a percentile bootstrap over windows (``eval/intervals.py``) of that mean,
+exponentiated at both ends, gives the perplexity interval of the bucket (and of the overall
+perplexity, from the windows' mean losses over all positions).
 """
 
 from __future__ import annotations
@@ -17,6 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from megatron_endprompt.eval.intervals import (
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    bootstrap_mean_interval,
+    check_interval_options,
+)
+from megatron_endprompt.eval.progress import ProgressLines
 from megatron_endprompt.eval.scoring import LogitsFn, token_losses
 
 
@@ -55,6 +68,52 @@ class PerplexityResult:
     perplexity: list[float] = field(default_factory=list)
     token_count: list[int] = field(default_factory=list)
     overall_mean_loss: float = float("nan")
+    # Mean loss of every window in every bucket: window_mean_loss[window][bucket] (empty for a
+    # result of bucket means only, e.g. an old report).
+    window_mean_loss: list[list[float]] = field(default_factory=list)
+    # Bootstrap intervals (over windows) of the bucket perplexities and the overall one; None
+    # when not computed (no per-window losses, or resamples = 0).
+    perplexity_interval: list[tuple[float, float]] | None = None
+    overall_perplexity_interval: tuple[float, float] | None = None
+    interval_level: float = DEFAULT_LEVEL
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    bootstrap_seed: int = 0
+
+    def window_overall_loss(self) -> list[float]:
+        """Each window's mean loss over all positions (bucket means weighted by bucket size)."""
+        sizes = np.diff(np.asarray(self.bucket_edges, dtype=np.float64))
+        losses = np.asarray(self.window_mean_loss, dtype=np.float64).reshape(-1, len(sizes))
+        return [float(x) for x in losses @ sizes / sizes.sum()]
+
+    def compute_intervals(
+        self, level: float | None = None, resamples: int | None = None, seed: int | None = None
+    ) -> None:
+        """Fill ``perplexity_interval`` / ``overall_perplexity_interval`` from the windows.
+
+        ``level`` / ``resamples`` / ``seed`` default to (and are stored as) ``interval_level``,
+        ``bootstrap_resamples`` and ``bootstrap_seed``; resamples = 0 clears the intervals.
+
+        Raises:
+            ValueError: when the result keeps no per-window losses, or bad level / resamples.
+        """
+        level = self.interval_level if level is None else level
+        resamples = self.bootstrap_resamples if resamples is None else resamples
+        seed = self.bootstrap_seed if seed is None else seed
+        check_interval_options(level, resamples)
+        self.interval_level, self.bootstrap_resamples, self.bootstrap_seed = level, resamples, seed
+        if resamples == 0:
+            self.perplexity_interval = self.overall_perplexity_interval = None
+            return
+        if not self.window_mean_loss:
+            raise ValueError("window_mean_loss: this result keeps no per-window losses")
+        losses = np.asarray(self.window_mean_loss, dtype=np.float64)
+
+        def interval(values) -> tuple[float, float]:
+            lo, hi = bootstrap_mean_interval(values, level=level, resamples=resamples, seed=seed)
+            return math.exp(lo), math.exp(hi)
+
+        self.perplexity_interval = [interval(losses[:, b]) for b in range(losses.shape[1])]
+        self.overall_perplexity_interval = interval(self.window_overall_loss())
 
     @property
     def overall_perplexity(self) -> float:
@@ -77,7 +136,19 @@ class PerplexityResult:
             "token_count": self.token_count,
             "overall_mean_loss": self.overall_mean_loss,
             "overall_perplexity": self.overall_perplexity,
-        }
+            "window_mean_loss": self.window_mean_loss,
+            "perplexity_interval": (
+                None if self.perplexity_interval is None
+                else [list(x) for x in self.perplexity_interval]
+            ),
+            "overall_perplexity_interval": (
+                None if self.overall_perplexity_interval is None
+                else list(self.overall_perplexity_interval)
+            ),
+            "interval_level": self.interval_level,
+            "bootstrap_resamples": self.bootstrap_resamples,
+            "bootstrap_seed": self.bootstrap_seed,
+        }  # fmt: skip
 
 
 def make_windows(
@@ -115,6 +186,9 @@ def perplexity_by_position(
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,
+    interval_level: float = DEFAULT_LEVEL,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    progress_lines: bool = False,
 ) -> PerplexityResult:
     """Mean next-token loss per position bucket over windows of ``length`` inputs.
 
@@ -126,7 +200,12 @@ def perplexity_by_position(
         batch_size: windows per forward pass.
         max_windows: stop after this many windows (None: all).
         progress: show a tqdm bar on stderr.
+        interval_level: coverage of the bootstrap intervals (over windows), in (0, 1).
+        bootstrap_resamples: bootstrap resamples (0: no intervals).
+        progress_lines: print progress lines with an ETA on stderr (about one per tenth of the
+            windows; for logs, with ``progress=False``).
     """
+    check_interval_options(interval_level, bootstrap_resamples)
     windows = make_windows(documents, length, max_windows)
     edges = check_bucket_edges(
         default_bucket_edges(length) if bucket_edges is None else bucket_edges, length
@@ -134,13 +213,27 @@ def perplexity_by_position(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     loss_sum = np.zeros(length, dtype=np.float64)
+    window_means = []
     bar = tqdm(total=len(windows), desc=f"ppl@{length}", file=sys.stderr, disable=not progress)
+    lines = ProgressLines(len(windows), enabled=progress_lines)
+    every = max(1, -(-len(windows) // 10))  # about ten lines
     with bar:
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            loss_sum += token_losses(logits_fn, batch, batch_size=batch_size).sum(axis=0)
+            losses = token_losses(logits_fn, batch, batch_size=batch_size)  # [batch, L]
+            loss_sum += losses.sum(axis=0)
+            window_means.extend(
+                [float(row[lo:hi].mean()) for lo, hi in zip(edges, edges[1:])] for row in losses
+            )
             bar.update(len(batch))
-    result = PerplexityResult(length, edges, len(windows))
+            lines.update(len(batch))
+            done = start + len(batch)
+            if done // every > start // every or done == len(windows):
+                lines.report(f"ppl@{length}", done, len(windows), "windows")
+    result = PerplexityResult(
+        length, edges, len(windows), window_mean_loss=window_means,
+        interval_level=float(interval_level), bootstrap_resamples=int(bootstrap_resamples),
+    )  # fmt: skip
     for lo, hi in zip(edges, edges[1:]):
         count = (hi - lo) * len(windows)
         mean = float(loss_sum[lo:hi].sum() / count)
@@ -148,4 +241,5 @@ def perplexity_by_position(
         result.perplexity.append(math.exp(mean))
         result.token_count.append(int(count))
     result.overall_mean_loss = float(loss_sum.sum() / (length * len(windows)))
+    result.compute_intervals()
     return result

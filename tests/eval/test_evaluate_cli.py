@@ -85,9 +85,10 @@ def test_end_to_end_report(setup, e2e):
     proc, out = e2e
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "passkey" in proc.stderr  # tqdm bars
-    for name in ("report.json", "report.md", "passkey_heatmap.png", "perplexity_by_position.png"):
+    pngs = ("passkey_heatmap.png", "passkey_by_length.png", "perplexity_by_position.png")
+    for name in ("report.json", "report.md", *pngs):
         assert os.path.isfile(os.path.join(out, name)), name
-    for name in ("passkey_heatmap.png", "perplexity_by_position.png"):
+    for name in pngs:
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == PNG_MAGIC
     assert "| length | passkey exact | passkey digits |" in proc.stdout
@@ -109,6 +110,22 @@ def test_end_to_end_report(setup, e2e):
     # Untrained weights predict almost uniformly over the real (unpadded) vocabulary.
     assert VOCAB / 2 < ppl["overall_perplexity"] < VOCAB * 2
     assert math.isclose(ppl["overall_mean_loss"], _expected_loss(setup), rel_tol=1e-5)
+    # Intervals: recorded in meta; one trial per depth, so a length's interval is its mean.
+    assert meta["interval_level"] == 0.95 and meta["bootstrap_resamples"] == 2000
+    for metric in ("exact_match", "token_accuracy"):
+        means = passkey[f"mean_{metric}_by_length"]
+        intervals = passkey[f"{metric}_interval_by_length"]
+        assert sorted(intervals) == ["128", "160"]
+        for n, (lo, hi) in intervals.items():
+            assert lo == pytest.approx(means[n]) and hi == pytest.approx(means[n])
+    assert np.asarray(ppl["window_mean_loss"]).shape == (2, 4)
+    np.testing.assert_allclose(np.mean(ppl["window_mean_loss"], axis=0), ppl["mean_loss"])
+    assert len(ppl["perplexity_interval"]) == 4
+    for (lo, hi), p in zip(ppl["perplexity_interval"], ppl["perplexity"]):
+        assert lo <= p * (1 + 1e-12) and p <= hi * (1 + 1e-12)
+    lo, hi = ppl["overall_perplexity_interval"]
+    assert lo <= ppl["overall_perplexity"] <= hi
+    assert "percentile-bootstrap interval" in proc.stdout
 
 
 def test_pi_override_and_jsonl_in_process(setup, tmp_path, capsys):
@@ -121,13 +138,20 @@ def test_pi_override_and_jsonl_in_process(setup, tmp_path, capsys):
         "--rope-scaling-factor", "8", "--max-position-embeddings", "2048", "--output", out,
         "--no-progress",
     ]  # fmt: skip
-    assert main(argv) == 0, capsys.readouterr().err
+    assert main([*argv, "--interval-level", "0.8", "--bootstrap-resamples", "0"]) == 0, (
+        capsys.readouterr().err
+    )
+    # --no-progress: plain progress lines with an ETA instead of bars.
+    err = capsys.readouterr().err
+    assert "ppl@200: 1/1 windows, elapsed " in err and " eta " in err
     meta = json.load(open(os.path.join(out, "report.json")))["meta"]
+    assert meta["interval_level"] == 0.8 and meta["bootstrap_resamples"] == 0
     assert meta["name"] == "pi" and meta["rope_scaling_overridden"] is True
     assert meta["rope_scaling"]["rope_type"] == "linear" and meta["rope_scaling"]["factor"] == 8.0
     assert meta["max_position_embeddings"] == 2048
     ppl = json.load(open(os.path.join(out, "report.json")))["results"]["perplexity"]
     assert ppl["length"] == 200 and ppl["num_windows"] == 1  # 276 bytes: one 201-token window
+    assert ppl["perplexity_interval"] is None  # --bootstrap-resamples 0
 
 
 def test_hf_dir_in_process(tmp_path, capsys):
@@ -194,6 +218,10 @@ def test_errors_name_the_flag(setup, tmp_path, capsys):
     assert f"--load {tmp_path}" in err and "no checkpoint" in err
     assert "--tasks" in _error([*load, "--tasks", "passkey,sudoku"], capsys)
     assert "--bogus" in _error([*load, "--bogus"], capsys)
+    err = _error([*load, "--tasks", "passkey", "--interval-level", "1"], capsys)
+    assert "--interval-level must be in (0, 1)" in err
+    err = _error([*load, "--tasks", "passkey", "--bootstrap-resamples", "-5"], capsys)
+    assert "--bootstrap-resamples must be >= 0" in err
     assert not os.path.exists(tmp_path / "o")  # nothing written on an error
 
 
@@ -209,6 +237,9 @@ def test_compare_merges_reports(setup, e2e, tmp_path, capsys):
     lines = table.splitlines()
     assert lines[0].startswith("| model | rope scaling | passkey@128 | passkey@160 |")
     assert lines[2].startswith("| base | none |")
+    base = json.load(open(os.path.join(e2e[1], "report.json")))["results"]["perplexity"]
+    lo, hi = base["overall_perplexity_interval"]
+    assert lines[2].endswith(f"| {base['overall_perplexity']:.4g} [{lo:.4g}, {hi:.4g}] |")
     assert lines[3].startswith("| EndPrompt | linear x8 | 0.75 | 0.25 | 0.9 | 0.4 | - |")
     with open(os.path.join(out, "compare_perplexity.png"), "rb") as f:
         assert f.read(8) == PNG_MAGIC

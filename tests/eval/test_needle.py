@@ -7,9 +7,11 @@ import re
 import pytest
 import torch
 
+from megatron_endprompt.eval.intervals import bootstrap_mean_interval
 from megatron_endprompt.eval.needle import (
     NEEDLE,
     WORDS,
+    NeedleResult,
     evaluate_needle,
     make_needle_prompt,
     score_answer,
@@ -139,6 +141,15 @@ def test_distractors_and_partial_values_are_scored():
             starts = make_needle_prompt(tok, "multikey", n, 3, t).needle_starts
             assert r.scores[i][t] == float(starts[0] == min(starts))
     assert 0.0 < sum(map(sum, r.scores)) < len(lengths) * trials
+    # Intervals per length: the bootstrap over that length's trial scores.
+    intervals = r.interval_by_length()
+    for i, n in enumerate(lengths):
+        assert r.accuracy[i] == pytest.approx(sum(r.scores[i]) / trials)
+        assert intervals[n] == bootstrap_mean_interval(r.scores[i])
+        assert 0.0 <= intervals[n][0] <= r.accuracy[i] <= intervals[n][1] <= 1.0
+    d = r.to_dict()
+    assert d["accuracy_interval_by_length"] == {str(n): list(intervals[n]) for n in lengths}
+    assert d["interval_level"] == 0.95 and d["bootstrap_resamples"] == 2000
     # On multivalue it recovers one of the m values.
     r = evaluate_needle(
         haystack_oracle(first_in_text),
@@ -163,3 +174,25 @@ def test_errors():
         evaluate_needle(uniform, Bytes(), "single", [300, 600], 1, 0, max_position=512)
     with pytest.raises(ValueError, match="length: 100"):
         make_needle_prompt(Bytes(), "multikey", 100, 0, 0)
+
+
+def test_needle_intervals_options_and_progress_lines(capsys):
+    r = evaluate_needle(
+        haystack_oracle(all_values), Bytes(), "single", [500], trials=5, seed=0, progress=False,
+        interval_level=0.8, bootstrap_resamples=0, progress_lines=True,
+    )  # fmt: skip
+    assert r.to_dict()["accuracy_interval_by_length"] is None  # 0 resamples: no intervals
+    assert r.interval_by_length(resamples=50) == {500: (1.0, 1.0)}  # all trials right
+    err = capsys.readouterr().err.strip().splitlines()
+    # ceil(5 / 4) = 2: lines after trials 2, 4 and the last one.
+    assert [line.split(",")[0] for line in err] == [
+        f"needle/single@500: {t}/5 trials" for t in (2, 4, 5)
+    ]
+    with pytest.raises(ValueError, match="interval_level"):
+        evaluate_needle(uniform_model, Bytes(), "single", [300], 1, 0, interval_level=0)
+    with pytest.raises(ValueError, match="scores"):
+        NeedleResult("single", [300], 1, 0, [0.5]).interval_by_length()
+
+
+def uniform_model(input_ids, position_ids):
+    return torch.zeros(*input_ids.shape, VOCAB)

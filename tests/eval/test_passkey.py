@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from megatron_endprompt.eval.passkey import evaluate_passkey, leading_digits, make_passkey_prompt
+from megatron_endprompt.eval.intervals import bootstrap_mean_interval
+from megatron_endprompt.eval.passkey import (
+    PasskeyResult,
+    evaluate_passkey,
+    leading_digits,
+    make_passkey_prompt,
+)
 from megatron_endprompt.eval.scoring import greedy_decode, teacher_forced_token_accuracy
 from megatron_endprompt.passkey_text import FILLER_SENTENCES, NEEDLE, QUESTION
 
@@ -174,6 +181,13 @@ def test_limited_window_oracle_grid():
     assert r.exact_match == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
     assert r.token_accuracy == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
     assert r.mean_by_length("token_accuracy") == {200: 0.8, 400: 0.4}
+    # Per-trial scores: both trials of a cell agree, so resampling trials within each depth never
+    # changes a length's mean: the intervals collapse onto it.
+    assert r.exact_match_trials == [[[v, v] for v in row] for row in r.exact_match]
+    assert r.interval_by_length("token_accuracy") == {
+        200: pytest.approx((0.8, 0.8)),
+        400: pytest.approx((0.4, 0.4)),
+    }
 
 
 def test_errors_name_the_argument():
@@ -206,3 +220,55 @@ def test_digit_accuracy_scores_only_the_key_digits():
     r = evaluate_passkey(two_digits, Bytes(), [150], [0.5], trials=3, seed=2, progress=False)
     assert r.exact_match == [[0.0]]
     assert r.token_accuracy == [[pytest.approx(0.4)]]
+
+
+def odd_keys_oracle(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The copying oracle where the key's last digit is odd; uniform (always wrong) elsewhere."""
+    logits = copying_oracle()(input_ids, position_ids)
+    for r in range(input_ids.shape[0]):
+        data = bytes(t if t < 256 else 0 for t in input_ids[r].tolist())
+        key = re.search(re.escape(NEEDLE_HEAD) + rb"(\d+)\.", data).group(1)
+        if key[-1] % 2 == 0:
+            logits[r] = 0.0
+    return logits
+
+
+def test_trials_and_intervals_by_length(capsys):
+    depths, trials = [0.0, 0.25, 0.5], 3
+    r = evaluate_passkey(
+        odd_keys_oracle, Bytes(), [300], depths, trials=trials, seed=1, progress=False,
+        interval_level=0.9, bootstrap_resamples=400, progress_lines=True,
+    )  # fmt: skip
+    want = [[[float(int(make_passkey_prompt(Bytes(), 300, d, 1, t).key[-1]) % 2)
+              for t in range(trials)] for d in depths]]  # fmt: skip
+    assert r.exact_match_trials == want and r.token_accuracy_trials == want
+    assert 0 < sum(map(sum, want[0])) < 9  # some trials right, some wrong
+    np.testing.assert_allclose(r.exact_match, [[sum(c) / trials for c in want[0]]])
+    values = [v for cell in r.exact_match_trials[0] for v in cell]
+    want = bootstrap_mean_interval(
+        values, level=0.9, resamples=400, strata=[0, 0, 0, 1, 1, 1, 2, 2, 2]
+    )
+    assert r.interval_by_length() == {300: want}
+    assert want[0] <= r.mean_by_length()[300] <= want[1]
+    d = r.to_dict()
+    assert d["exact_match_interval_by_length"] == {"300": list(want)}
+    assert d["token_accuracy_interval_by_length"] == {
+        "300": list(r.interval_by_length("token_accuracy")[300])
+    }
+    assert d["interval_level"] == 0.9 and d["bootstrap_resamples"] == 400
+    assert d["exact_match_trials"] == r.exact_match_trials
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(",")[0] for line in err] == [f"passkey@300: {n}/9 trials" for n in (3, 6, 9)]
+    assert all(" eta " in line for line in err)
+
+
+def test_result_without_trials_has_no_intervals():
+    r = PasskeyResult([128], [0.5], 2, 0, 5, [[0.5]], [[0.7]])
+    assert not r.has_intervals
+    assert r.to_dict()["exact_match_interval_by_length"] is None
+    with pytest.raises(ValueError, match="exact_match_trials"):
+        r.interval_by_length()
+    with pytest.raises(ValueError, match="bootstrap_resamples"):
+        evaluate_passkey(uniform, Bytes(), [150], [0.5], 1, 0, bootstrap_resamples=-1)
+    with pytest.raises(ValueError, match="interval_level"):
+        evaluate_passkey(uniform, Bytes(), [150], [0.5], 1, 0, interval_level=1.5)

@@ -126,3 +126,77 @@ def test_errors_name_the_length():
         perplexity_by_position(uniform, [counting_doc(20)], 16, [0, 8, 12], progress=False)
     with pytest.raises(ValueError, match="bucket_edges"):
         perplexity_by_position(uniform, [counting_doc(20)], 16, [0, 8, 8, 16], progress=False)
+
+
+def hand_loss(window: np.ndarray, pos: int) -> float:
+    """Loss of ``position_aware`` at input position ``pos`` of a window (by hand)."""
+    c = confidence(pos)
+    target_hit = int(window[pos + 1]) == (int(window[pos]) + 1) % V
+    return math.log(math.exp(c) + V - 1) - (c if target_hit else 0.0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_window_means_and_intervals(batch_size):
+    from megatron_endprompt.eval.intervals import bootstrap_mean_interval
+
+    length, edges = 12, [0, 4, 12]
+    rng = np.random.default_rng(3)
+    # Half-counting documents: some next tokens are the predicted (input + 1) mod V, some not.
+    docs = [np.where(rng.uniform(size=n) < 0.5, np.arange(n) % V, rng.integers(0, V, size=n))
+            for n in (60, 40)]  # fmt: skip
+    windows = make_windows(docs, length)
+    r = perplexity_by_position(
+        position_aware, docs, length, edges, batch_size=batch_size, progress=False,
+        interval_level=0.9, bootstrap_resamples=300,
+    )  # fmt: skip
+    want = [[sum(hand_loss(w, p) for p in range(lo, hi)) / (hi - lo)
+             for lo, hi in zip(edges, edges[1:])] for w in windows]  # fmt: skip
+    assert np.asarray(r.window_mean_loss).shape == (len(windows), 2)
+    np.testing.assert_allclose(r.window_mean_loss, want, rtol=1e-9)
+    # Every window puts the same number of tokens in a bucket: the bucket mean is the mean of
+    # the per-window means, and the overall mean the size-weighted one.
+    for b in range(2):
+        assert r.mean_loss[b] == pytest.approx(np.mean([w[b] for w in want]), rel=1e-12)
+    overall = [(4 * w[0] + 8 * w[1]) / 12 for w in want]
+    assert r.window_overall_loss() == pytest.approx(overall, rel=1e-12)
+    assert r.overall_mean_loss == pytest.approx(np.mean(overall), rel=1e-12)
+    # Intervals: exp of the bootstrap (over windows) of the mean loss.
+    for b in range(2):
+        lo, hi = bootstrap_mean_interval([w[b] for w in want], level=0.9, resamples=300)
+        assert r.perplexity_interval[b] == pytest.approx((math.exp(lo), math.exp(hi)), rel=1e-9)
+        assert r.perplexity_interval[b][0] <= r.perplexity[b] <= r.perplexity_interval[b][1]
+    lo, hi = bootstrap_mean_interval(overall, level=0.9, resamples=300)
+    assert r.overall_perplexity_interval == pytest.approx((math.exp(lo), math.exp(hi)), rel=1e-9)
+    d = r.to_dict()
+    assert d["interval_level"] == 0.9 and d["bootstrap_resamples"] == 300
+    assert d["perplexity_interval"] == [list(x) for x in r.perplexity_interval]
+    assert d["window_mean_loss"] == r.window_mean_loss
+
+
+def test_identical_windows_give_degenerate_intervals_and_zero_disables():
+    length, edges = 12, [0, 3, 12]
+    docs = [counting_doc(40, start=2), counting_doc(13, start=5)]
+    r = perplexity_by_position(position_aware, docs, length, edges, progress=False)
+    for (lo, hi), ppl in zip(r.perplexity_interval, r.perplexity):
+        assert lo == pytest.approx(ppl, rel=1e-12) and hi == pytest.approx(ppl, rel=1e-12)
+    off = perplexity_by_position(
+        position_aware, docs, length, edges, progress=False, bootstrap_resamples=0
+    )
+    assert off.perplexity_interval is None and off.overall_perplexity_interval is None
+    assert off.to_dict()["perplexity_interval"] is None
+    assert off.window_mean_loss == r.window_mean_loss
+    with pytest.raises(ValueError, match="interval_level"):
+        perplexity_by_position(position_aware, docs, length, progress=False, interval_level=1.0)
+    with pytest.raises(ValueError, match="bootstrap_resamples"):
+        perplexity_by_position(position_aware, docs, length, progress=False, bootstrap_resamples=-1)
+
+
+def test_progress_lines_on_stderr(capsys):
+    docs = [counting_doc(12 * 25 + 1)]
+    perplexity_by_position(position_aware, docs, 12, progress=False, progress_lines=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    # 25 windows, a line every ceil(25 / 10) = 3 windows and one at the end.
+    assert [line.split(",")[0] for line in err] == [
+        f"ppl@12: {n}/25 windows" for n in (*range(3, 25, 3), 25)
+    ]
+    assert all("elapsed " in line and " eta " in line for line in err)

@@ -223,3 +223,13 @@ def parse_csv(text: str, flag: str, cast: type) -> list:
     if not values:
         raise ValueError(f"{flag} {text!r}: must not be empty")
     return values
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m05s'``; ``'?'`` for a non-finite value."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

@@ -51,6 +51,18 @@ def check_interval_options(
         raise ValueError(f"{resamples_name} must be >= {least}, got {resamples!r}")
 
 
+def resolve_options(
+    result: object, level: float | None, resamples: int | None, seed: int | None
+) -> tuple[float, int, int]:
+    """``(level, resamples, seed)``: each given value, else ``result``'s ``interval_level``,
+    ``bootstrap_resamples`` or ``bootstrap_seed``."""
+    return (
+        result.interval_level if level is None else level,  # type: ignore[attr-defined]
+        result.bootstrap_resamples if resamples is None else resamples,  # type: ignore[attr-defined]
+        result.bootstrap_seed if seed is None else seed,  # type: ignore[attr-defined]
+    )
+
+
 def bootstrap_mean_interval(
     values: Sequence[float],
     *,

@@ -28,6 +28,7 @@ from megatron_endprompt.eval.intervals import (
     DEFAULT_RESAMPLES,
     bootstrap_mean_interval,
     check_interval_options,
+    resolve_options,
 )
 from megatron_endprompt.eval.passkey import check_lengths, check_positive_ints
 from megatron_endprompt.eval.progress import ProgressLines
@@ -163,9 +164,7 @@ class NeedleResult:
         """
         if not self.scores:
             raise ValueError("scores: this result keeps no per-trial scores")
-        level = self.interval_level if level is None else level
-        resamples = self.bootstrap_resamples if resamples is None else resamples
-        seed = self.bootstrap_seed if seed is None else seed
+        level, resamples, seed = resolve_options(self, level, resamples, seed)
         return {
             n: bootstrap_mean_interval(row, level=level, resamples=resamples, seed=seed)
             for n, row in zip(self.lengths, self.scores)

@@ -35,6 +35,7 @@ from megatron_endprompt.eval.intervals import (
     DEFAULT_RESAMPLES,
     bootstrap_mean_interval,
     check_interval_options,
+    resolve_options,
 )
 from megatron_endprompt.eval.progress import ProgressLines
 from megatron_endprompt.eval.scoring import LogitsFn, greedy_decode, teacher_forced_token_correct
@@ -172,9 +173,7 @@ class PasskeyResult:
         trials = getattr(self, f"{metric}_trials")
         if not trials:
             raise ValueError(f"{metric}_trials: this result keeps no per-trial scores")
-        level = self.interval_level if level is None else level
-        resamples = self.bootstrap_resamples if resamples is None else resamples
-        seed = self.bootstrap_seed if seed is None else seed
+        level, resamples, seed = resolve_options(self, level, resamples, seed)
         out = {}
         for n, row in zip(self.lengths, trials):
             values = [v for cell in row for v in cell]

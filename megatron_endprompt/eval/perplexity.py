@@ -28,6 +28,7 @@ from megatron_endprompt.eval.intervals import (
     DEFAULT_RESAMPLES,
     bootstrap_mean_interval,
     check_interval_options,
+    resolve_options,
 )
 from megatron_endprompt.eval.progress import ProgressLines
 from megatron_endprompt.eval.scoring import LogitsFn, token_losses
@@ -96,9 +97,7 @@ class PerplexityResult:
         Raises:
             ValueError: when the result keeps no per-window losses, or bad level / resamples.
         """
-        level = self.interval_level if level is None else level
-        resamples = self.bootstrap_resamples if resamples is None else resamples
-        seed = self.bootstrap_seed if seed is None else seed
+        level, resamples, seed = resolve_options(self, level, resamples, seed)
         check_interval_options(level, resamples)
         self.interval_level, self.bootstrap_resamples, self.bootstrap_seed = level, resamples, seed
         if resamples == 0:

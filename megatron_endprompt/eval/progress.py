@@ -12,13 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-
-def format_duration(seconds: float) -> str:
-    """``"1h02m03s"`` / ``"2m03s"`` / ``"0m05s"`` (whole seconds)."""
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+from megatron_endprompt.cli_utils import format_duration
 
 
 class ProgressLines:

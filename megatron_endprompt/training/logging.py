@@ -14,17 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_endprompt.atomic_io import atomic_write
+from megatron_endprompt.cli_utils import format_duration
 from megatron_endprompt.device import peak_allocated_gib
-
-
-def format_duration(seconds: float) -> str:
-    """``3725`` -> ``'1h02m05s'``; ``'?'`` for a non-finite value."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def model_flops_per_token(

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="Passkey needle depths.")
     p.add_argument("--trials", type=int, default=5, help="Trials per passkey cell / length.")
     p.add_argument("--passkey-digits", type=int, default=5, help="Digits of a passkey.")
+    p.add_argument(
+        "--passkey-answer-in-length",
+        action="store_true",
+        help="Each passkey length counts the answer too (the answer ends at position length-1; "
+        "default: the prompt alone is that long, the answer follows it).",
+    )
     p.add_argument("--needle-tasks", default="single,multikey,multivalue", help="Needle tasks.")
     p.add_argument("--ppl-data", help="Megatron .bin/.idx prefix of the perplexity corpus.")
     p.add_argument(
@@ -195,7 +201,10 @@ def check_prompts_fit(args: argparse.Namespace, tokenizer: Any) -> None:
         check_depths(args.depth_list)
     if "passkey" in args.task_list:
         with _flag_errors("--lengths (passkey)"):
-            make_passkey_prompt(tokenizer, shortest, 0.0, args.seed, 0, args.passkey_digits)
+            make_passkey_prompt(
+                tokenizer, shortest, 0.0, args.seed, 0, args.passkey_digits,
+                args.passkey_answer_in_length,
+            )  # fmt: skip
     for task in args.needle_list if "needle" in args.task_list else ():
         with _flag_errors(f"--lengths / --needle-tasks (needle {task})"):
             make_needle_prompt(tokenizer, task, shortest, args.seed, 0)
@@ -229,7 +238,8 @@ def run_tasks(args, logits_fn, tokenizer, max_pos, ppl_docs) -> dict[str, Any]:
         with _flag_errors("--lengths / --depths (passkey)"):
             results["passkey"] = evaluate_passkey(
                 logits_fn, tokenizer, args.length_list, args.depth_list, args.trials,
-                args.seed, max_pos, args.passkey_digits, progress, **common,
+                args.seed, max_pos, args.passkey_digits, progress,
+                answer_in_length=args.passkey_answer_in_length, **common,
             )  # fmt: skip
     if "needle" in args.task_list:
         for task in args.needle_list:

@@ -95,8 +95,10 @@ def _passkey_md(r: PasskeyResult) -> str:
     note = ""
     if r.has_intervals:
         note = interval_note(r.interval_level, r.bootstrap_resamples, "trials, within each depth")
+    counted = "prompt + answer" if r.answer_in_length else "prompt (the answer follows)"
     return (
-        f"Trials per cell: {r.trials}, seed {r.seed}, {r.digits}-digit keys.\n\n"
+        f"Trials per cell: {r.trials}, seed {r.seed}, {r.digits}-digit keys; "
+        f"length = {counted}.\n\n"
         "Exact match (greedy):\n\n" + format_table(em, headers) + "\n"
         "Digit accuracy (teacher-forced, the key's digit tokens):\n\n"
         + format_table(tok, headers) + note

@@ -61,6 +61,9 @@ class PasskeyDoc:
     """Index in ``ids`` of the answer's first token (the question ends just before it)."""
     depth: float
     """The requested needle depth (a fraction of the filler; realized to a sentence boundary)."""
+    lead_in: int = 0
+    """Filler tokens (no needle, no BOS) before the episode's own text: a window's first episode
+    (``make_passkey_window``); 0 otherwise."""
 
 
 def _check_args(digits: int, min_depth: float, max_depth: float) -> None:
@@ -139,6 +142,12 @@ def make_passkey_document(
     return _build(tokenizer, key, doc_tokens, depth, append_eod)
 
 
+def lead_in_filler(tokenizer: Tokenizer, n: int) -> list[int]:
+    """``n`` filler tokens (no BOS, no needle) ending with a whole filler sentence."""
+    prefix = len(bos_ids(tokenizer))
+    return build_haystack(tokenizer, n + prefix, [], [])[0][prefix:] if n > 0 else []
+
+
 def make_passkey_window(
     tokenizer: Tokenizer,
     doc_tokens: int,
@@ -151,10 +160,18 @@ def make_passkey_window(
 ) -> list[PasskeyDoc]:
     """Complete passkey episodes of random lengths that together hold exactly ``doc_tokens``.
 
-    Each episode is ``>= min_episode_tokens`` long (longer when its key needs it). Its length is
-    drawn uniformly from what is left; when the rest would be shorter than that minimum the episode
-    takes it too, so the last episode ends at the document end and a document may hold a single
-    episode (questions land at many positions, the document end included).
+    Episodes are drawn from the document end backwards: the last one ends at the document end and
+    its length is uniform in ``[shortest, doc_tokens]`` (shortest: ``min_episode_tokens``, or
+    more when its key needs it), the one before it uniform in what is left, and so on until less
+    than one episode fits; that remainder becomes a lead-in of filler sentences (no needle, no
+    BOS) at the front of the first episode. So questions, needles and episode starts land at
+    every position of the document (retrieval must work by content, not by absolute position),
+    and the document still ends with a question and its key (tail mode's terminal segment).
+
+    Why not the other way round (the first episode drawn first, the rest absorbed by the last):
+    with ``doc_tokens`` under twice the shortest episode, most documents were then one episode
+    spanning the whole document, its question always at the same absolute positions, which a
+    small model memorises instead of learning retrieval (REPLICATION_NOTES item 4).
 
     Args:
         tokenizer, digits, min_depth, max_depth, append_eod: as ``make_passkey_document``.
@@ -163,10 +180,11 @@ def make_passkey_window(
         min_episode_tokens: shortest episode (>= 1).
 
     Returns:
-        The episodes in order; their ``ids`` concatenate to ``doc_tokens`` tokens.
+        The episodes in order; their ``ids`` concatenate to ``doc_tokens`` tokens. The first
+        one's ``ids`` start with the lead-in (``needle_start`` and ``answer_start`` count it).
 
     Raises:
-        ValueError: bad arguments, or an episode that cannot fit its key.
+        ValueError: bad arguments, or ``doc_tokens`` too short for one episode.
     """
     _check_args(digits, min_depth, max_depth)
     if min_episode_tokens < 1 or doc_tokens < min_episode_tokens:
@@ -174,21 +192,27 @@ def make_passkey_window(
             f"--min-episode-tokens must be in [1, --doc-tokens={doc_tokens}], "
             f"got {min_episode_tokens}"
         )
-    episodes, remaining = [], doc_tokens
-    while remaining > 0:
+    planned, remaining = [], doc_tokens  # (key, length, depth), last episode first
+    while True:
         key = _draw_key(rng, digits)
         low = max(min_episode_tokens, episode_min_tokens(tokenizer, key, append_eod))
-        length = int(rng.integers(low, remaining + 1)) if remaining >= low else remaining
-        if remaining - length < min_episode_tokens:
-            length = remaining  # too little left for another episode: this one takes it
-        if length < low:
-            raise ValueError(
-                f"--min-episode-tokens: {min_episode_tokens} is too small for key {key} "
-                f"(an episode needs {low} tokens); raise it"
-            )
-        depth = float(rng.uniform(min_depth, max_depth))
-        episodes.append(_build(tokenizer, key, length, depth, append_eod))
+        if remaining < low:
+            if not planned:
+                raise ValueError(
+                    f"--min-episode-tokens/--doc-tokens: a {doc_tokens}-token document cannot "
+                    f"hold an episode with key {key} ({low} tokens)"
+                )
+            break
+        length = int(rng.integers(low, remaining + 1))
+        planned.append((key, length, float(rng.uniform(min_depth, max_depth))))
         remaining -= length
+    episodes = [_build(tokenizer, k, n, d, append_eod) for k, n, d in reversed(planned)]
+    if remaining:
+        first, lead = episodes[0], lead_in_filler(tokenizer, remaining)
+        episodes[0] = PasskeyDoc(
+            lead + first.ids, first.key, first.needle_start + remaining,
+            first.answer_start + remaining, first.depth, remaining,
+        )  # fmt: skip
     return episodes
 
 

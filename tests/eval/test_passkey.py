@@ -272,3 +272,29 @@ def test_result_without_trials_has_no_intervals():
         evaluate_passkey(uniform, Bytes(), [150], [0.5], 1, 0, bootstrap_resamples=-1)
     with pytest.raises(ValueError, match="interval_level"):
         evaluate_passkey(uniform, Bytes(), [150], [0.5], 1, 0, interval_level=1.5)
+
+
+def test_answer_in_length_keeps_the_answer_inside_the_window():
+    # A model that only works at input positions < 200 (trained at 200): with 200-token prompts
+    # every digit is predicted at positions >= 200; counting the answer in the length (6 bytes:
+    # " " + 5 digits) moves the prompt to 194 tokens, the last prediction (the extra token after
+    # the key) to position 199, and the oracle is perfect.
+    oracle = copying_oracle()
+
+    def trained_at_200(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        logits = oracle(input_ids, position_ids)
+        logits[position_ids >= 200] = 0.0  # ties -> id 0: never a digit
+        return logits
+
+    depths = [0.0, 0.5, 1.0]
+    out = evaluate_passkey(trained_at_200, Bytes(), [200], depths, 2, seed=3, progress=False)
+    inside = evaluate_passkey(
+        trained_at_200, Bytes(), [200], depths, 2, seed=3, progress=False, answer_in_length=True
+    )
+    assert out.exact_match == [[0.0, 0.0, 0.0]] and out.token_accuracy == [[0.0, 0.0, 0.0]]
+    assert inside.exact_match == [[1.0, 1.0, 1.0]] and inside.token_accuracy == [[1.0] * 3]
+    assert inside.to_dict()["answer_in_length"] is True
+    assert out.to_dict()["answer_in_length"] is False
+    p = make_passkey_prompt(Bytes(), 200, 0.5, 3, 0, answer_in_length=True)
+    assert len(p.ids) + len(p.answer_ids) == 200 and len(p.answer_ids) == 6
+    assert len(make_passkey_prompt(Bytes(), 200, 0.5, 3, 0).ids) == 200

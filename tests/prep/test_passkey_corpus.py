@@ -321,3 +321,25 @@ def test_cli_success_and_errors(tmp_path, capsys):
     assert main(["--output-prefix", str(tmp_path / "no" / "pk"), *base[2:], "--num-docs", "1",
                  "--doc-tokens", "300"]) == 2  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == ["pk_text_document.bin", "pk_text_document.idx"]
+
+
+def test_window_episode_starts_spread_over_the_document():
+    # The last episode's own text starts uniformly in [0, 300 - 120]: no start (0 included, the
+    # whole-document episode) takes much more than its 1/181 share, so a model cannot rely on
+    # the question's episode starting at the document start. Lead-ins are needle-free filler.
+    starts, leads = [], 0
+    for s in range(600):
+        eps = make_passkey_window(BYTES, 300, np.random.default_rng(s), 120)
+        assert sum(len(e.ids) for e in eps) == 300
+        assert all(e.lead_in == 0 for e in eps[1:])
+        first = eps[0]
+        lead = BYTES.detokenize(first.ids[: first.lead_in])
+        assert "pass key" not in lead and first.needle_start >= first.lead_in
+        leads += first.lead_in > 0
+        last = eps[-1]
+        starts.append(300 - (len(last.ids) - last.lead_in))
+        assert BYTES.detokenize(last.ids[last.answer_start :]) == f" {last.key}"
+    counts = np.bincount(starts, minlength=181)
+    assert min(starts) <= 3 and max(starts) >= 177 and len(set(starts)) >= 150
+    assert counts.max() <= 12  # 600 draws over 181 values: ~3.3 each
+    assert leads >= 500  # a lead-in unless the episodes fill the document exactly

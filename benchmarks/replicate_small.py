@@ -164,7 +164,7 @@ class Settings:
     base_iters: int = 1000
     base_lr: float = 2e-3
     base_min_lr: float = 2e-4
-    extend_iters: int = 200
+    extend_iters: int = 400
     extend_lr: float = 5e-4
     warmup_iters: int = 10
     base_seeds: list[int] = field(default_factory=lambda: [1, 2])

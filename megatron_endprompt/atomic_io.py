@@ -54,3 +54,28 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable_dir(path: str, flag: str, prebuilt: Callable[[str], bool] | None = None) -> None:
+    """Refuse an output directory that cannot be written, before any work is done.
+
+    ``path`` may not exist yet: then its nearest existing ancestor must be a writable directory.
+    ``prebuilt(path)`` (optional) says whether a read-only ``path`` already holds everything
+    that would be written (a complete prebuilt cache), which is then accepted.
+
+    Raises:
+        ValueError: ``"{flag}={path}: <reason>"`` (a file, under a file, not writable).
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ValueError(f"{flag}={path}: is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK) and not (prebuilt and prebuilt(path)):
+            raise ValueError(f"{flag}={path}: directory is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag}={path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}={path}: cannot be created, {parent} is not writable")

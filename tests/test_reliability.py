@@ -9,6 +9,8 @@ Extend the table whenever a flag or an input appears: a new flag gets a row for 
 be wrong (bad type, out of range, non-finite, conflicting with another flag).
 """
 
+import os
+
 import pytest
 
 from megatron_endprompt.cli import parse_run_config
@@ -117,6 +119,11 @@ ROWS = [
     (["--load", __file__], 2, "is a file, not a checkpoint directory"),
     (["--load", "/nonexistent/reliability/ckpt", "--finetune"], 2, "nothing to --finetune"),
     (["--load", "/nonexistent/reliability/ckpt", "--exit-on-missing-checkpoint"], 2, "and --exit"),
+    # Output paths that cannot be written, refused before the model is built.
+    (["--save", __file__], 2, f"--save={__file__}: is a file, not a directory"),
+    (["--save", __file__ + "/sub"], 2, f"--save={__file__}/sub: cannot be created"),
+    (["--tensorboard-dir", __file__ + "/tb"], 2, f"--tensorboard-dir={__file__}/tb: cannot be"),
+    (["--data-cache-path", __file__ + "/c"], 2, f"--data-cache-path={__file__}/c: cannot be"),
     (["--exit-on-missing-checkpoint=yes"], 2, "--exit-on-missing-checkpoint: ignored explicit"),
 ]
 
@@ -152,6 +159,30 @@ def test_bad_input_gives_one_error_line(fragment, status, expected, capsys, monk
     assert got == status, err
     first = err.strip().splitlines()[0]
     assert first.startswith("error: ") and expected in first, first
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+@pytest.mark.parametrize("flag", ["--save", "--tensorboard-dir", "--data-cache-path"])
+def test_read_only_output_dir_is_refused(flag, tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        got, err = _run([flag, str(ro)], capsys, monkeypatch)
+    finally:
+        ro.chmod(0o700)
+    assert _clean(got, err, 2, f"{flag}={ro}: directory is not writable"), err
+
+
+def test_read_only_data_cache_with_built_cache_is_accepted(tmp_path, monkeypatch):
+    from megatron_endprompt.atomic_io import check_writable_dir
+    from megatron_endprompt.training.loop import _has_index_cache
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only, also for root
+    with pytest.raises(ValueError, match="--data-cache-path=.*: directory is not writable"):
+        check_writable_dir(str(tmp_path), "--data-cache-path", _has_index_cache)
+    (tmp_path / "abc-GPTDataset-train-document_index.npy").write_bytes(b"")
+    check_writable_dir(str(tmp_path), "--data-cache-path", _has_index_cache)
 
 
 def test_reliability_count(capsys, monkeypatch):

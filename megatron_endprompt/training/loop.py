@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.atomic_io import check_writable_dir
 from megatron_endprompt.checkpoint.layout import check_load_dir
 from megatron_endprompt.config import RunConfig
 from megatron_endprompt.training.backend import Backend, make_backend
@@ -150,6 +151,23 @@ class _Loop:
     started: float = field(default_factory=time.monotonic)
 
 
+def _has_index_cache(path: str) -> bool:
+    """Whether a --data-cache-path directory already holds built index files (``*.npy``)."""
+    return any(name.endswith(".npy") for _, _, names in os.walk(path) for name in names)
+
+
+def _check_output_paths(run: RunConfig) -> None:
+    """Refuse --save, --tensorboard-dir and --data-cache-path that cannot be written (before
+    anything is built); a read-only --data-cache-path is accepted when it holds a built cache."""
+    for flag, path, prebuilt in (
+        ("--save", run.checkpoint.save, None),
+        ("--tensorboard-dir", run.logging.tensorboard_dir, None),
+        ("--data-cache-path", run.data.data_cache_path, _has_index_cache),
+    ):
+        if path:
+            check_writable_dir(path, flag, prebuilt)
+
+
 def _has_checkpoint(run: RunConfig, rt: Runtime) -> bool:
     """Whether --load holds a checkpoint, decided before anything is built (see check_load_dir)."""
     c = run.checkpoint
@@ -192,6 +210,7 @@ def _start(run: RunConfig) -> _Loop:
         p.context_parallel_size,
         timeout_minutes=p.distributed_timeout_minutes,
     )
+    _check_output_paths(run)
     resume = _has_checkpoint(run, rt)
     seed_everything(t.seed)
     shape = StepShape(t.micro_batch_size, run.model.seq_length, run.num_microbatches)

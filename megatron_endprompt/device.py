@@ -16,6 +16,7 @@ device-specific lives here and the model, data and loss code stay device-agnosti
   maps ``cuda`` to a device (the CUDA-emulation tests answer CPU/gloo here).
 * ``synchronize``, ``move_to_device``: the few CUDA calls the training path makes itself.
 * ``all_reduce``: the one "reduce over a group when it has more than one rank" helper.
+* ``largest_over_ranks``: every rank learns the largest of one integer (a failure code).
 * ``backend_kind``: which training backend a device gets (chosen once per run).
 """
 
@@ -95,6 +96,22 @@ def all_reduce(
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def largest_over_ranks(value: int) -> int:
+    """The largest ``value`` over all ranks (this rank's without distributed state).
+
+    Every rank must call it. Ranks use it to agree that one of them failed (an errno, 0 for
+    success) instead of waiting at a barrier the failed rank never reaches.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    where = torch.device("cpu")
+    if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+        where = torch.device("cuda", torch.cuda.current_device())
+    code = torch.tensor([value], dtype=torch.int64, device=where)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    return int(code.item())
 
 
 def synchronize(device: torch.device) -> None:

@@ -7,7 +7,10 @@
     SAVE/iter_0000100/{metadata.json,common.pt,*.distcp}   dist_checkpointing format (dist.py)
 
 A save is written under ``iter_N.tmp`` and published by :func:`publish_iteration` (rename, then
-the tracker, then pruning), so the tracker only ever names a complete directory. A shard's
+the tracker, then pruning), so the tracker only ever names a complete directory. A write the
+system refuses (full disk, quota, permission) on any rank removes ``iter_N.tmp``, puts back what
+publishing had moved, and raises :class:`~megatron_endprompt.atomic_io.WriteError` on every rank
+(:func:`agree_on_write`), so the tracker keeps naming the previous loadable checkpoint. A shard's
 checksum file is written inside ``iter_N.tmp`` and checked on load; shards without one (older
 checkpoints, conversions) load unchecked.
 
@@ -23,9 +26,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from megatron_endprompt.atomic_io import atomic_write_text, file_digest
+import torch
+
+from megatron_endprompt.atomic_io import WriteError, atomic_write_text, file_digest, writing
+from megatron_endprompt.device import largest_over_ranks
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_JSON = "model_config.json"
@@ -81,12 +89,79 @@ def publish_iteration(save_dir: str, iteration: int, tmp: str, keep_last: int | 
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(final):
         os.replace(final, old)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
+    moved = False
+    try:
+        with writing(final):
+            os.replace(tmp, final)
+        moved = True
+        atomic_write_text(os.path.join(save_dir, TRACKER), f"{iteration}\n", fsync=True)
+    except WriteError:
+        # The tracker still names the previous checkpoint: put back what it may name.
+        shutil.rmtree(final if moved else tmp, ignore_errors=True)
+        if os.path.isdir(old):
+            os.replace(old, final)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if keep_last is not None:
         prune_checkpoints(save_dir, keep_last)
     return final
+
+
+def recover_interrupted(save_dir: str) -> None:
+    """Clean up after saves that were killed (rank 0, before a new save writes anything).
+
+    ``iter_N.tmp`` directories and temporary tracker files are partial writes and go;
+    ``iter_N.old`` (a re-save killed between moving the old copy aside and publishing the new
+    one) is renamed back when ``iter_N`` is missing (it may be the tracker's checkpoint), else
+    it goes.
+    """
+    if not os.path.isdir(save_dir):
+        return
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        if name.startswith(f".{TRACKER}") and name.endswith(".tmp"):  # atomic_write's temporary
+            os.remove(path)
+            continue
+        stem, _, suffix = name.rpartition(".")
+        if not (_ITER_RE.match(stem) and suffix in ("tmp", "old") and os.path.isdir(path)):
+            continue
+        if suffix == "old" and not os.path.isdir(os.path.join(save_dir, stem)):
+            os.replace(path, os.path.join(save_dir, stem))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_torch(obj: Any, path: str) -> None:
+    """``torch.save`` through a Python file, so that a refused write is an OSError with its
+    errno (torch's own file writer reports a full disk as ``unexpected pos ...``), raised as
+    :class:`WriteError` naming ``path``."""
+    with writing(path), open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def agree_on_write(step: Callable[[], object] | None, path: str, cleanup: str | None) -> None:
+    """Run this rank's part of a save (``step``, None for nothing), then agree over all ranks.
+
+    Every rank must call it. When any rank's write was refused, rank 0 removes ``cleanup`` (the
+    partial ``iter_N.tmp``) and every rank raises :class:`WriteError`: its own, or one naming
+    ``path`` with the failed rank's errno (instead of waiting at a barrier forever).
+    """
+    error: WriteError | None = None
+    try:
+        if step is not None:
+            step()
+    except WriteError as err:
+        error = err
+    code = largest_over_ranks(error.errno if error else 0)
+    if not code:
+        return
+    if cleanup and _rank() == 0:  # every rank has reached the reduction: none is writing
+        shutil.rmtree(cleanup, ignore_errors=True)
+    raise error or WriteError(path, code)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def list_checkpoints(save_dir: str) -> list[int]:

@@ -27,8 +27,7 @@ import os
 import pickle
 import random
 import re
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,13 +35,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_endprompt import device
+from megatron_endprompt.atomic_io import writing
 from megatron_endprompt.checkpoint.layout import (
     MODEL_CONFIG_JSON,
     SHARD_FILE,
     ShardRank,
+    agree_on_write,
     iteration_dir,
     publish_iteration,
     read_tracker,
+    recover_interrupted,
+    save_torch,
     stored_iteration_dir,
     verify_checksum,
     write_checksum,
@@ -114,11 +117,6 @@ def safe_load(path: str, where: str, mmap: bool = False) -> Any:
         torch.serialization.add_safe_globals(lost)
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -169,23 +167,38 @@ def save_checkpoint(
     """
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
-    if _is_rank0():
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
-        os.makedirs(tmp)
-    _barrier()
-    if rank.dp_rank == 0:
+    agree_on_write(_fresh_dir(save_dir, tmp) if _is_rank0() else None, tmp, cleanup=tmp)
+
+    def write_shard() -> None:
         shard_dir = os.path.join(tmp, rank.shard_name)
-        os.makedirs(shard_dir, exist_ok=True)
         path = os.path.join(shard_dir, SHARD_FILE)
-        torch.save({**state, "iteration": iteration}, path + ".part")
-        os.replace(path + ".part", path)
+        with writing(shard_dir):
+            os.makedirs(shard_dir, exist_ok=True)
+        save_torch({**state, "iteration": iteration}, path + ".part")
+        with writing(path):
+            os.replace(path + ".part", path)
         write_checksum(path)  # inside iter_N.tmp: published together with the shard
-    _barrier()
-    if _is_rank0():
+
+    agree_on_write(write_shard if rank.dp_rank == 0 else None, tmp, cleanup=tmp)
+
+    def publish() -> None:
         publish_iteration(save_dir, iteration, tmp, keep_last)
-    _barrier()
+
+    # On failure publish_iteration has already put the previous state back.
+    agree_on_write(publish if _is_rank0() else None, final, cleanup=None)
     return final
+
+
+def _fresh_dir(save_dir: str, tmp: str) -> Callable[[], None]:
+    """A step that creates an empty ``tmp`` in ``save_dir`` (leftovers of a crashed save go)."""
+
+    def make() -> None:
+        with writing(tmp):
+            os.makedirs(save_dir, exist_ok=True)
+            recover_interrupted(save_dir)
+            os.makedirs(tmp)
+
+    return make
 
 
 def checkpoint_path(load_dir: str, rank: ShardRank, iteration: int | None = None) -> str | None:

@@ -36,6 +36,7 @@ directory renamed into place only on success.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -46,15 +47,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from megatron_endprompt.atomic_io import atomic_write_text, writing
 from megatron_endprompt.checkpoint import (
     MODEL_CONFIG_JSON,
     SHARD_FILE,
     TRACKER,
     iteration_dir,
 )
-from megatron_endprompt.checkpoint.layout import shard_dir_name, write_checksum
+from megatron_endprompt.checkpoint.layout import save_torch, shard_dir_name, write_checksum
 from megatron_endprompt.checkpoint.megatron_lm import CHECKPOINT_VERSION, conversion_args
-from megatron_endprompt.checkpoint.stored import StoredCheckpoint, open_checkpoint
+from megatron_endprompt.checkpoint.stored import EMBEDDING, StoredCheckpoint, open_checkpoint
 from megatron_endprompt.checkpoint.weights import (
     check_shapes,
     megatron_shard_shapes,
@@ -75,6 +77,7 @@ from megatron_endprompt.convert.safetensors_io import (
     write_json,
 )
 from megatron_endprompt.convert.shapes import hf_shapes
+from megatron_endprompt.convert.vocab import export_vocab_size
 
 FORMAT = "megatron_endprompt/v1"
 _TOKENIZER_RE = re.compile(
@@ -99,15 +102,19 @@ def staged_output(output_dir: str, force: bool) -> Iterator[str]:
     output_dir = os.path.abspath(output_dir)
     tmp, old = f"{output_dir}.tmp-{os.getpid()}", f"{output_dir}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    with writing(tmp):
+        os.makedirs(tmp)
     try:
         yield tmp
+        with writing(output_dir):
+            if os.path.lexists(output_dir):
+                os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(old) and not os.path.lexists(output_dir):
+            os.replace(old, output_dir)  # the earlier output stays as it was
         raise
-    if os.path.lexists(output_dir):
-        os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -241,17 +248,17 @@ def convert_hf_to_megatron(
                 sd = _megatron_shard(reader, m, (tp, tp_rank), (pp, pp_rank), bar)
                 check_shapes({k: v.shape for k, v in sd.items()}, expected, name)
                 sd |= _te_extra_states(m, sd)
-                os.makedirs(os.path.join(iteration_dir(tmp, 0), name))
+                with writing(iteration_dir(tmp, 0)):
+                    os.makedirs(os.path.join(iteration_dir(tmp, 0), name))
                 state = {"model": sd, "args": args, "checkpoint_version": CHECKPOINT_VERSION,
                          "iteration": 0, "consumed_samples": 0, "format": FORMAT,
                          "model_config": config}  # fmt: skip
                 shard_path = os.path.join(iteration_dir(tmp, 0), name, SHARD_FILE)
-                torch.save(state, shard_path)
+                save_torch(state, shard_path)
                 write_checksum(shard_path)
                 del sd, state
         write_json(os.path.join(tmp, MODEL_CONFIG_JSON), config)
-        with open(os.path.join(tmp, TRACKER), "w", encoding="utf-8") as f:
-            f.write("0\n")
+        atomic_write_text(os.path.join(tmp, TRACKER), "0\n")
     return m
 
 
@@ -308,8 +315,13 @@ def convert_megatron_to_hf(
     tokenizer_dir: str | None = None,
     force: bool = False,
     progress: bool = True,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Write a Megatron checkpoint (either format, any TP/PP/VPP) as a Hugging Face Llama directory.
+
+    The embedding and output layer lose Megatron's padding rows: the export has the tokenizer's
+    vocabulary size (:func:`.vocab.export_vocab_size`: ``vocab_size``, the checkpoint's own
+    record, or ``tokenizer_dir``'s ``config.json`` / tokenizer for Megatron-LM checkpoints).
 
     Args:
         input_dir: Checkpoint directory (``--save`` of a CPU or CUDA training run, or
@@ -322,6 +334,7 @@ def convert_megatron_to_hf(
         tokenizer_dir: Directory whose tokenizer files are copied alongside.
         force: Replace an existing ``output_dir``.
         progress: Show a progress bar on stderr.
+        vocab_size: The export's vocabulary size (``--vocab-size``); None: see above.
 
     Returns:
         The ``config.json`` written (rope_theta and rope_scaling from the model config).
@@ -337,6 +350,11 @@ def convert_megatron_to_hf(
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     ckpt = open_checkpoint(input_dir, where=f"--input={input_dir}")
     m, default_length = ckpt.model_config, ckpt.target_length()
+    # Rows of the stored embedding: a dist checkpoint's global tensor, merged shards' TP = 1 size.
+    reader = getattr(ckpt, "reader", None)
+    rows = reader.shapes[EMBEDDING][0] if reader else m.padded_vocab_size(1)
+    vocab = export_vocab_size(m.vocab_size, ckpt.record, vocab_size, tokenizer_dir, rows)
+    m = dataclasses.replace(m, vocab_size=vocab)
     hf_config = hf_config_from_model_config(m, target_length or default_length)
     with staged_output(output_dir, force) as tmp:
         writer = SafetensorsWriter(tmp, max_bytes)
@@ -344,5 +362,6 @@ def convert_megatron_to_hf(
         writer.close()
         write_json(os.path.join(tmp, "config.json"), hf_config)
         for path in tokenizer_files:
-            shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+            with writing(os.path.join(tmp, os.path.basename(path))):
+                shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
     return hf_config

@@ -11,6 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megatron_endprompt.atomic_io import writing
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}  # fmt: skip
 
@@ -86,7 +88,8 @@ class SafetensorsWriter:
 
     def _flush(self) -> None:
         path = os.path.join(self.directory, f"part-{len(self.files):05d}.safetensors")
-        save_file(self.pending, path, metadata={"format": "pt"})
+        with writing(path):
+            save_file(self.pending, path, metadata={"format": "pt"})
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -96,7 +99,8 @@ class SafetensorsWriter:
         n, weight_map = len(self.files), {}
         for i, (path, names) in enumerate(self.files):
             final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(path, os.path.join(self.directory, final))
+            with writing(os.path.join(self.directory, final)):
+                os.replace(path, os.path.join(self.directory, final))
             weight_map.update({name: final for name in names})
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -104,7 +108,7 @@ class SafetensorsWriter:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as sorted, indented JSON."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Write ``obj`` as sorted, indented JSON (WriteError naming ``path`` when refused)."""
+    with writing(path), open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -7,6 +7,9 @@
   cached in a small JSON file keyed on :func:`file_identity`.
 - :func:`index_fingerprint`: the ``.idx`` content hash and ``.bin`` size; joins the index cache
   key (see ``data/builder.py``) so a re-preprocessed corpus never reuses stale sample indices.
+- :func:`check_index_cache_file`: a cached sample-index ``.npy`` holds plain numbers, read from
+  its header alone before megatron-core loads it with ``allow_pickle=True`` (a crafted file in a
+  shared ``--data-cache-path`` would otherwise run code).
 
 Scanned values live in ``<cache>/<hash>-<name>-token_stats.json``, valid while the
 :func:`file_identity` (size and mtime_ns of both files) recorded there still holds.
@@ -131,6 +134,36 @@ def _cached(prefix: str, cache_dir: str, name: str, compute) -> object:
     except OSError:  # a read-only cache only costs the next build another scan
         pass
     return record[name]
+
+
+def check_index_cache_file(path: str) -> None:
+    """Refuse a cached index ``.npy`` that numpy would unpickle; read from its header only.
+
+    numpy unpickles exactly the arrays whose dtype holds Python objects, so a file whose header
+    declares a plain dtype is safe to load with ``allow_pickle=True``.
+
+    Raises:
+        ValueError: naming the file and ``--data-cache-path``, when the header is unreadable or
+            declares Python objects (the file is rebuilt once deleted).
+    """
+    fix = "delete it (megatron-core rebuilds it) or point --data-cache-path elsewhere"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                _, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                _, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy format version {version}")
+    except (OSError, ValueError, SyntaxError) as err:
+        msg = f"--data-cache-path: index cache file {path} is unreadable ({err}); {fix}"
+        raise ValueError(msg) from err
+    if dtype.hasobject:
+        raise ValueError(
+            f"--data-cache-path: index cache file {path} holds Python objects (dtype {dtype}), "
+            f"which loading would unpickle (run code); megatron-core writes integers only: {fix}"
+        )
 
 
 def scan_max_token_id(prefix: str, dtype: np.dtype) -> int:

@@ -12,13 +12,14 @@ passkey corpus.
 
 from __future__ import annotations
 
-import errno as errno_codes
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from megatron_endprompt.atomic_io import writing
 
 
 class StagedIndexedDataset:
@@ -85,13 +86,6 @@ def publish_all(staged: Sequence[StagedIndexedDataset]) -> None:
 
 
 def _naming_path(path: str, write: Callable[[], object]) -> None:
-    """Run ``write``; an OSError is re-raised naming ``path`` and the errno."""
-    try:
+    """Run ``write``; a failed write is re-raised as :class:`WriteError` naming ``path``."""
+    with writing(path):
         write()
-    except OSError as err:
-        if err.errno is None:
-            raise
-        name = errno_codes.errorcode.get(err.errno, "?")
-        raise OSError(
-            err.errno, f"writing {path}: {os.strerror(err.errno)} (errno {err.errno} {name})", path
-        ) from err

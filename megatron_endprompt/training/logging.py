@@ -2,18 +2,25 @@
 
 Only the last pipeline stage's data-parallel rank 0 of tensor-parallel rank 0 writes (it is the
 one that sees the loss); ``MetricsLogger(enabled=False)`` makes every call a no-op elsewhere.
+
+Logs never stop a run: when the system refuses a TensorBoard or loss-curve write (a full disk, a
+quota), one ``warning:`` line names the path and the errno, that output stops, and training goes
+on (its next checkpoint save reports a full disk as an error of its own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron_endprompt.atomic_io import atomic_write
+from megatron_endprompt.atomic_io import WriteError, atomic_write, writing
 from megatron_endprompt.cli_utils import format_duration
 from megatron_endprompt.device import peak_allocated_gib
 
@@ -62,7 +69,20 @@ class MetricsLogger:
         if self.enabled and self.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
+            _quiet_tensorboard_thread()
+            self._tensorboard(lambda: setattr(self, "_writer", SummaryWriter(self.tensorboard_dir)))
+
+    def _tensorboard(self, write: Callable[[], object]) -> None:
+        """Run a TensorBoard write; a refused one stops TensorBoard with one warning line."""
+        try:
+            with writing(self.tensorboard_dir):
+                write()
+        except WriteError as err:
+            print(f"warning: TensorBoard logging stopped, training goes on: {err}", flush=True)
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                with contextlib.suppress(Exception):  # its queue cannot be written either
+                    writer.close()
 
     def log(self, iteration: int, scalars: dict[str, float], interval_s: float) -> str | None:
         """Write ``scalars`` at ``iteration`` and print one console line.
@@ -80,9 +100,13 @@ class MetricsLogger:
         if "loss" in scalars:
             self._train.append((iteration, float(scalars["loss"])))
         if self._writer is not None:
-            for name, value in scalars.items():
-                self._writer.add_scalar(f"train/{name}", value, iteration)
-            self._writer.flush()
+
+            def write() -> None:
+                for name, value in scalars.items():
+                    self._writer.add_scalar(f"train/{name}", value, iteration)
+                self._writer.flush()
+
+            self._tensorboard(write)
         elapsed = time.perf_counter() - self._t_start
         done = max(iteration - self.start_iter, 1)
         eta = elapsed / done * (self.total_iters - iteration)
@@ -101,18 +125,64 @@ class MetricsLogger:
             return
         self._valid.append((iteration, float(loss)))
         if self._writer is not None:
-            self._writer.add_scalar("valid/loss", loss, iteration)
-            self._writer.add_scalar("valid/ppl", math.exp(min(loss, 50.0)), iteration)
-            self._writer.flush()
+
+            def write() -> None:
+                self._writer.add_scalar("valid/loss", loss, iteration)
+                self._writer.add_scalar("valid/ppl", math.exp(min(loss, 50.0)), iteration)
+                self._writer.flush()
+
+            self._tensorboard(write)
         print(f"validation at iter {iteration}: loss {loss:.4f} ppl {math.exp(min(loss, 50)):.2f}")
+
+    def eval_progress(self, total: int, min_interval_s: float = 10.0) -> Callable[[int], None]:
+        """A ``progress(done)`` callback for a validation pass of ``total`` iterations.
+
+        It prints ``validation: DONE/TOTAL iterations, elapsed .. eta ..`` at each tenth of the
+        pass that comes at least ``min_interval_s`` after the previous line, so a long pass (a
+        large --eval-iters, a big model) shows it is alive and a short one prints nothing.
+        """
+        start = last = time.perf_counter()
+        step = max(1, math.ceil(total / 10))
+
+        def progress(done: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if not self.enabled or done % step and done != total or now - last < min_interval_s:
+                return
+            last, elapsed = now, now - start
+            eta = elapsed / done * (total - done)
+            print(f"validation: {done}/{total} iterations, elapsed {format_duration(elapsed)} "
+                  f"eta {format_duration(eta)}", flush=True)  # fmt: skip
+
+        return progress
 
     def close(self) -> None:
         """Flush and close TensorBoard; draw the loss curve PNG."""
         if self._writer is not None:
-            self._writer.close()
+            self._tensorboard(self._writer.close)
             self._writer = None
         if self.enabled and self.plot_path and self._train:
-            plot_loss_curve(self._train, self._valid, self.plot_path)
+            try:
+                plot_loss_curve(self._train, self._valid, self.plot_path)
+            except WriteError as err:
+                print(f"warning: loss curve not written: {err}", flush=True)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread prints a traceback when a write fails, then hands the error
+    to the next ``add_scalar``, where :meth:`MetricsLogger._tensorboard` reports it in one line:
+    keep only that line (other threads' errors still reach the previous hook)."""
+    previous = threading.excepthook
+    if getattr(previous, "_quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = type(args.thread).__name__ if args.thread is not None else ""
+        if not (thread == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook._quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def plot_loss_curve(

@@ -142,3 +142,52 @@ def test_damaged_pair_is_named(tmp_path, how):
 def test_pairs_written_by_megatron_pass(tmp_path):
     prefix = write_corpus(str(tmp_path / "c" / "doc"), distinct_docs(40))
     assert corpus_checks.check_indexed_pair(prefix) == np.dtype(np.int32)
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: harmless, but it leaves a file behind."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("cache_beside_data", [False, True])
+@pytest.mark.parametrize("index", ["document", "sample", "shuffle"])
+def test_planted_pickle_in_the_index_cache_never_runs(tmp_path, index, cache_beside_data):
+    prefix = write_corpus(str(tmp_path / "c" / "doc"), distinct_docs(60))
+    cache = None if cache_beside_data else str(tmp_path / "cache")
+    build_datasets(make_config(prefix, cache, cues=[[1]]), [20, None, None])
+    (path,) = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(cache or prefix)
+        for name in names
+        if name.endswith(f"-train-{index}_index.npy")
+    ]
+    marker = str(tmp_path / "pwned")
+    np.save(path, np.array([_Payload(marker)], dtype=object))
+    with pytest.raises(ValueError, match=f"index cache file {path} holds Python objects"):
+        build_datasets(make_config(prefix, cache, cues=[[1]]), [20, None, None])
+    assert not os.path.exists(marker)
+    with pytest.raises(ValueError):  # numpy's own refusal without allow_pickle: it was a pickle
+        np.load(path)
+
+
+def test_index_cache_file_header_checks(tmp_path):
+    good = str(tmp_path / "good.npy")
+    np.save(good, np.arange(5, dtype=np.int64))
+    corpus_checks.check_index_cache_file(good)
+    v2 = str(tmp_path / "v2.npy")  # format 2.0 (numpy's choice for headers over 64 KiB)
+    with open(v2, "wb") as f:
+        np.lib.format.write_array(f, np.arange(3, dtype=np.uint32), version=(2, 0))
+    corpus_checks.check_index_cache_file(v2)
+    garbage = str(tmp_path / "garbage.npy")
+    open(garbage, "wb").write(b"not an npy file")
+    with pytest.raises(ValueError, match=f"index cache file {garbage} is unreadable"):
+        corpus_checks.check_index_cache_file(garbage)
+    nested = str(tmp_path / "nested.npy")  # an object inside a structured dtype is unpickled too
+    np.save(nested, np.zeros(2, dtype=[("a", "<i4"), ("b", "O")]), allow_pickle=True)
+    with pytest.raises(ValueError, match="holds Python objects"):
+        corpus_checks.check_index_cache_file(nested)

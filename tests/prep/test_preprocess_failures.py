@@ -9,6 +9,7 @@ import pytest
 from megatron.core.datasets import indexed_dataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from megatron_endprompt.atomic_io import WriteError
 from megatron_endprompt.prep import indexed_output
 from megatron_endprompt.prep.preprocess import preprocess_jsonl
 
@@ -66,7 +67,7 @@ def test_two_keys_disk_full_publishes_nothing(make_jsonl, tmp_path, monkeypatch,
     _run([path], tmp_path / "o", json_keys=["text", "path"])
     before = _snapshot(tmp_path)
     _fail_second(monkeypatch, owner, name)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(WriteError) as info:
         _run([path], tmp_path / "o", json_keys=["text", "path"], append_eod=True)
     assert info.value.errno == errno.ENOSPC
     assert "errno 28" in str(info.value) and "ENOSPC" in str(info.value)
@@ -81,7 +82,7 @@ def test_publish_all_renames_only_after_every_finalize(tmp_path, monkeypatch):
     for s in staged:
         s.add_document(np.arange(3, dtype=np.uint16))
     _fail_second(monkeypatch, indexed_dataset._IndexWriter, "write")
-    with pytest.raises(OSError, match="ENOSPC"):
+    with pytest.raises(WriteError, match="ENOSPC"):
         indexed_output.publish_all(staged)
     for s in staged:
         s.abort()

@@ -66,6 +66,7 @@ ENDPROMPT_FLAGS = {
     "terminal_source": Flag("--endprompt-terminal-source"),
 }
 CHECKPOINT_FLAGS = {"exit_signal_handler": Flag("--no-exit-signal-handler", invert=True)}
+TRAINING_FLAGS = {"rampup_batch_size": Flag("--rampup-batch-size", nargs=3)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_args(p, DataConfig, "data", flags=DATA_FLAGS)
     add_dataclass_args(p, EndPromptConfig, "endprompt", flags=ENDPROMPT_FLAGS)
-    add_dataclass_args(p, TrainingConfig, "training")
+    add_dataclass_args(p, TrainingConfig, "training", flags=TRAINING_FLAGS)
     add_dataclass_args(p, CheckpointConfig, "checkpointing", flags=CHECKPOINT_FLAGS)
     add_dataclass_args(p, LoggingConfig, "logging")
     add_translated_flags(p)

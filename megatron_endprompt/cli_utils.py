@@ -85,6 +85,8 @@ class Flag:
     """The flag, e.g. ``--disable-bias-linear``."""
     invert: bool = False
     """For bools: the flag stores the negation of the field (``--disable-X`` sets X False)."""
+    nargs: int | None = None
+    """For lists: exactly this many values (default: one or more)."""
 
 
 @cache
@@ -163,7 +165,7 @@ def add_dataclass_args(
             )
             continue
         if is_list:
-            kwargs["nargs"] = "+"
+            kwargs["nargs"] = flag.nargs or "+"
         cast = {int: int, float: finite_float}.get(scalar, str)
         group.add_argument(flag.name, type=cast, **kwargs)
 

@@ -207,6 +207,7 @@ def resolve_megatron_semantics(
                     f"--{name.replace('_', '-')}: no effect on the CPU path (torch "
                     "DDP over gloo reduces after the backward, in fp32)"
                 )
+    notices += _mock_data_notices(args)
     if _given(args, "num_query_groups") and not _given(args, "group_query_attention"):
         if not has_preset:
             notices.append(
@@ -214,6 +215,16 @@ def resolve_megatron_semantics(
                 "--group-query-attention (as Megatron-LM): one KV head per query head"
             )
     return notices
+
+
+def _mock_data_notices(args: argparse.Namespace) -> list[str]:
+    """--mock-data: megatron-core splits the synthetic documents 1,1,1 whatever --split says."""
+    if not getattr(args, "mock_data", False) or not _given(args, "split"):
+        return []
+    return [
+        f"--split={args.split}: no effect with --mock-data: megatron-core splits the mock "
+        "documents 1,1,1 (as Megatron-LM)"
+    ]
 
 
 CHECKPOINT_ARGS_IF_UNSET = (

@@ -130,6 +130,23 @@ def _layout_name(run: RunConfig) -> str:
     return e.position_mode + (f" ({', '.join(options)})" if options else "")
 
 
+def _ramp_lines(run: RunConfig) -> list[str]:
+    """--rampup-batch-size: the ramp's sizes, its iterations and the constant phase after it."""
+    t = run.training
+    if t.rampup_batch_size is None:
+        return []
+    start, increment, samples = t.rampup_batch_size
+    plan = run.ramp_plan()
+    ramp_samples = sum(plan.ramp_batches)
+    return [
+        f"ramp              global {start} -> {t.global_batch_size} by {increment} over "
+        f"{samples:,} samples: {len(plan.ramp_batches):,} iterations read {ramp_samples:,} "
+        f"samples (batches {_short(np.array(plan.ramp_batches))}), then "
+        f"{plan.constant_iterations:,} at {t.global_batch_size}; {plan.consumed_samples:,} of "
+        f"--train-samples={t.train_samples:,} read",
+    ]
+
+
 def describe(
     run: RunConfig, vocab_size: int = 128256, cue_lengths: tuple[int, ...] | None = None
 ) -> str:
@@ -137,6 +154,8 @@ def describe(
     p, t, m = run.parallel, run.training, run.model
     n = parameter_count(run, vocab_size)
     tokens_iter = t.global_batch_size * m.seq_length
+    ramp = run.ramp_plan() if t.rampup_batch_size else None
+    samples = ramp.consumed_samples if ramp else t.global_batch_size * run.train_iters
     warmup, decay = t.schedule_steps(run.train_iters, t.global_batch_size)
     lines = [
         f"device            {run.device}, world size {run.world_size}",
@@ -153,8 +172,10 @@ def describe(
         f"layout            {_layout_name(run)}: {_short(example_layout(run, cue_lengths))}",
         f"batch             micro {t.micro_batch_size} x DP {run.data_parallel_size} x "
         f"{run.num_microbatches} micro-batches = global {t.global_batch_size}",
-        f"budget            {run.train_iters} iterations, {tokens_iter:,} tokens/iter, "
-        f"{tokens_iter * run.train_iters / 1e9:.3f}B tokens",
+        *_ramp_lines(run),
+        f"budget            {run.train_iters} iterations, {tokens_iter:,} tokens/iter"
+        f"{' at the full batch' if t.rampup_batch_size else ''}, "
+        f"{samples * m.seq_length / 1e9:.3f}B tokens",
         f"schedule          {t.lr_decay_style} lr {t.lr:g} -> {t.min_lr:g}, warmup {warmup:,} / "
         f"decay {decay:,} samples",
         f"memory (no act.)  ~{memory_estimate_gib(run, n):.1f} GiB per GPU",

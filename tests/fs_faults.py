@@ -38,3 +38,22 @@ def small_tmpfs(path, size: str) -> Iterator[str]:
         yield str(path)
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only_view(source, path) -> Iterator[str]:
+    """``source`` seen read-only at ``path`` (a read-only bind mount: EROFS, even for root).
+
+    Skips the calling test where mounting is not allowed.
+    """
+    os.makedirs(path)
+    for cmd in (["mount", "--bind", str(source), str(path)],
+                ["mount", "-o", "remount,ro,bind", str(path)]):  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+            pytest.skip(f"cannot bind-mount here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -27,6 +27,10 @@ BASE = [
     "--data-path", "/nonexistent/reliability/corpus_text_document", "--train-iters", "4",
 ]  # fmt: skip
 
+SAMPLES = ["--train-samples", "64"]
+"""A row starting with these is a sample-based run: BASE's ``--train-iters 4`` is left out."""
+RAMP_WHY = "(megatron-core's calculator asserts it)"
+
 NON_FINITE = [
     (flag, value)
     for flag in (
@@ -104,8 +108,30 @@ ROWS = [
     (["--num-workers", "-1"], 2, "--num-workers=-1: must be >= 0"),
     # Megatron-LM flags this package cannot honour, and meanings it will not guess (issue 11).
     (["--position-embedding-type", "learned_absolute"], 2, "this package extends RoPE models"),
-    (["--mock-data"], 2, "--mock-data: not supported: EndPrompt layouts are drawn over real"),
-    (["--rampup-batch-size", "4", "4", "100"], 2, "--rampup-batch-size: not supported"),
+    (["--mock-data"], 2, "--mock-data=True: give it or --data-path, not both: a single data"),
+    (["--mock-data=1"], 2, "--mock-data: ignored explicit argument '1'"),
+    # --rampup-batch-size: Megatron-LM's rules (arguments.py, megatron-core's calculator).
+    (["--rampup-batch-size", "4", "4", "100"], 2,
+     "expected no batch-size rampup for iteration-based training"),
+    ([*SAMPLES, "--global-batch-size", "128"], 2,
+     "--train-samples=64: is less than one --global-batch-size (128)"),
+    ([*SAMPLES, "--rampup-batch-size", "4", "4"], 2, "--rampup-batch-size: expected 3 arguments"),
+    ([*SAMPLES, "--rampup-batch-size", "4", "x", "100"], 2, "invalid int value: 'x'"),
+    ([*SAMPLES, "--rampup-batch-size", "0", "4", "100", "--global-batch-size", "8"], 2,
+     "--rampup-batch-size=0 4 100: START and INCREMENT must be >= 1 and SAMPLES >= 0"),
+    ([*SAMPLES, "--rampup-batch-size", "4", "0", "100", "--global-batch-size", "8"], 2,
+     "--rampup-batch-size=4 0 100: START and INCREMENT must be >= 1"),
+    ([*SAMPLES, "--rampup-batch-size", "4", "4", "-1", "--global-batch-size", "8"], 2,
+     "--rampup-batch-size=4 4 -1: START and INCREMENT must be >= 1 and SAMPLES >= 0"),
+    ([*SAMPLES, "--rampup-batch-size", "16", "4", "100", "--global-batch-size", "8"], 2,
+     f"--global-batch-size=8 must be START plus a multiple of INCREMENT {RAMP_WHY}"),
+    ([*SAMPLES, "--rampup-batch-size", "2", "4", "100", "--global-batch-size", "8"], 2,
+     f"--global-batch-size=8 must be START plus a multiple of INCREMENT {RAMP_WHY}"),
+    ([*SAMPLES, "--rampup-batch-size", "8", "4", "100", "--global-batch-size", "8"], 2,
+     "START equals --global-batch-size=8, a ramp of no increments"),
+    ([*SAMPLES, "--rampup-batch-size", "2", "2", "100", "--global-batch-size", "8",
+      "--micro-batch-size", "4"], 2,
+     "the global batch of iteration 1, 2, is not divisible by --micro-batch-size=4"),
     (["--num-experts", "8"], 2, "--num-experts: not supported: mixture-of-experts"),
     (["--lr-decay-samples", "100"], 2, "--lr-decay-samples does not go with --train-iters"),
     (["--rope-scaling-factor", "8"], 2, "--rope-scaling-factor: no effect without a scaling"),
@@ -131,6 +157,9 @@ ROWS = [
 def _run(fragment, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     base = BASE[2:] if "--model-preset" in fragment else BASE  # BASE[0:2]: --model-preset tiny
+    if fragment[: len(SAMPLES)] == SAMPLES:
+        i = base.index("--train-iters")
+        base = base[:i] + base[i + 2 :]
     status = main([*base, *fragment])
     err = capsys.readouterr().err
     return status, err
@@ -176,13 +205,13 @@ def test_read_only_output_dir_is_refused(flag, tmp_path, capsys, monkeypatch):
 
 def test_read_only_data_cache_with_built_cache_is_accepted(tmp_path, monkeypatch):
     from megatron_endprompt.atomic_io import check_writable_dir
-    from megatron_endprompt.training.loop import _has_index_cache
+    from megatron_endprompt.training.preflight import has_index_cache
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only, also for root
     with pytest.raises(ValueError, match="--data-cache-path=.*: directory is not writable"):
-        check_writable_dir(str(tmp_path), "--data-cache-path", _has_index_cache)
+        check_writable_dir(str(tmp_path), "--data-cache-path", has_index_cache)
     (tmp_path / "abc-GPTDataset-train-document_index.npy").write_bytes(b"")
-    check_writable_dir(str(tmp_path), "--data-cache-path", _has_index_cache)
+    check_writable_dir(str(tmp_path), "--data-cache-path", has_index_cache)
 
 
 def test_reliability_count(capsys, monkeypatch):

@@ -11,7 +11,9 @@ keys, ``args`` and, by default, Transformer Engine key names). ``megatron-to-hf`
 format at any saved layout: the per-shard files of CPU runs, conversions and Megatron-LM's legacy
 ``torch`` format (TE or local key names), or ``torch_dist`` checkpoints (ours or Megatron-LM's,
 TP/PP/VPP), on a CPU-only machine too. The export's
-config.json carries rope_theta, rope_scaling and max_position_embeddings = the target length.
+config.json carries rope_theta, rope_scaling and max_position_embeddings = the target length, and
+its vocabulary is the tokenizer's (Megatron's padding rows stripped; Megatron-LM checkpoints
+record only the padded size: give --vocab-size or --tokenizer-dir).
 Exit status: 0 on success, 2 on bad flags or input (one ``error:`` line on stderr, nothing
 written), 130 when interrupted.
 """
@@ -65,7 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's max_position_embeddings).",
     )
     g.add_argument("--max-shard-size", default="5GB", help="Largest safetensors file, e.g. 5GB.")
-    g.add_argument("--tokenizer-dir", default=None, help="Copy tokenizer files from here.")
+    g.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="Copy tokenizer files from here; its config.json's vocab_size (else the "
+        "tokenizer's size) strips the padding rows of a Megatron-LM checkpoint.",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="Vocabulary size of the export (default: the checkpoint's recorded tokenizer size; "
+        "Megatron-LM checkpoints record only the padded size: give this or --tokenizer-dir).",
+    )
     return p
 
 
@@ -81,9 +95,11 @@ def _run(args: argparse.Namespace) -> str:
             tokenizer_dir=args.tokenizer_dir,
             force=args.force,
             progress=progress,
+            vocab_size=args.vocab_size,
         )
         length, scaling = config["max_position_embeddings"], config["rope_scaling"]
-        return f"wrote {args.output}: max_position_embeddings={length}, rope_scaling={scaling}"
+        return (f"wrote {args.output}: vocab_size={config['vocab_size']}, "
+                f"max_position_embeddings={length}, rope_scaling={scaling}")  # fmt: skip
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for flag, value in (
         ("--tensor-model-parallel-size", tp),

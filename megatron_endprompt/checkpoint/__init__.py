@@ -8,6 +8,8 @@
 * :mod:`.dist_reader`, :mod:`.stored`: :func:`open_checkpoint` reads either format at any layout
   as full tensors, on any machine (what evaluation and export use).
 * :mod:`.weights`: megatron's weight layout (norm names, TP split/merge, shapes).
+* :mod:`.dist_optim`, :mod:`.optim_state`, :mod:`.resume`: megatron-core's optimizer states
+  (either format) onto the CPU path's torch AdamW, and the CPU path's resume.
 
 The names below are the public API of the layout and the per-shard format.
 """

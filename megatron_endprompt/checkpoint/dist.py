@@ -14,8 +14,10 @@ the inner model) would accept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -204,6 +206,36 @@ def _restore_torch_adam_steps(optimizer) -> None:
                     inner.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
+@contextlib.contextmanager
+def _torch_adam_fully_reshardable(optimizer, metadata: dict[str, Any]) -> Iterator[None]:
+    """Let megatron-core load a ``fully_reshardable`` state into its torch Adam fallback.
+
+    Its ``_set_main_param_and_optimizer_states`` (0.16.1) copies every entry of the parameter's
+    Adam state from the loaded tensors, ``step`` included, but the ``fully_reshardable`` loader
+    never passes ``step`` (it lives in the param groups): a KeyError. Within this block each
+    call is handed the entry's own step (copied onto itself); the groups' step is restored
+    afterwards by :func:`_restore_torch_adam_steps`.
+    """
+    patched = []
+    if metadata.get("distrib_optim_sharding_type") == "fully_reshardable":
+        for opt, inner in _torch_adam_distributed(optimizer):
+
+            def with_step(model_param, tensors, opt=opt, inner=inner) -> None:  # noqa: ANN001
+                group, order = opt.model_param_group_index_map[model_param]
+                own = inner.state[inner.param_groups[group]["params"][order]]
+                if "step" in own and "step" not in tensors:
+                    tensors = {**tensors, "step": own["step"]}
+                type(opt)._set_main_param_and_optimizer_states(opt, model_param, tensors)
+
+            opt._set_main_param_and_optimizer_states = with_step
+            patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
+
+
 def load(run, rt, objs, state) -> bool:
     """Load the latest checkpoint of --load into ``objs``/``state``; False when there is none."""
     iteration = ckpt.read_tracker(run.checkpoint.load)
@@ -218,7 +250,8 @@ def load(run, rt, objs, state) -> bool:
     common = dist_checkpointing.load_common_state_dict(path)
     ckpt.check_checkpoint_model(run.model, common, run.checkpoint.load)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
-    saved_layout = common.get("rng_layout")
+    saved = megatron_lm.saved_layout(common)  # ours or Megatron-LM's args
+    saved_layout = None if saved is None else [saved[1], saved[0]]  # [PP, TP]
     _check_layout_change(run, rt, saved_layout, metadata, path)
     load_rng = saved_layout is None or list(saved_layout) == _layout(rt)
     c = run.checkpoint
@@ -243,7 +276,7 @@ def load(run, rt, objs, state) -> bool:
     if not (c.finetune or c.no_load_optim):
         # Copies into the main params; with fp32 parameters those are views of the model's
         # leaf parameters (megatron-core's dp_reshardable loader does not disable autograd).
-        with torch.no_grad():
+        with torch.no_grad(), _torch_adam_fully_reshardable(objs.optimizer, metadata or {}):
             objs.optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_steps(objs.optimizer)
         objs.scheduler.load_state_dict(loaded["opt_param_scheduler"])

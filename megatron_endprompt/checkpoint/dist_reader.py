@@ -16,12 +16,20 @@ global tensor is exactly the TP = 1 megatron tensor.
 
 megatron-core's own ``dist_checkpointing.load`` needs a process group and a model built at some
 layout; this reader needs neither. It reads chunks with torch.distributed.checkpoint's file reader
-and a load planner that asks for one region per request (a layer's slice of a stacked tensor), so
-a layer at a time is in memory, never the whole model. No CUDA call is made.
+and a load planner that asks for one region per request (a layer's slice of a stacked tensor, a
+parameter's range of a distributed-optimizer bucket), so a layer at a time is in memory, never the
+whole model. No CUDA call is made.
+
+Besides tensors the files hold ``ShardedObject`` s (RNG states, the distributed optimizer's param
+groups and bucket sizes, TE's ``_extra_state``), stored as ``KEY/shard_OFFSETS_SHAPE`` (e.g.
+``rng_state/shard_0.1_1.2``: PP rank 0, TP rank 1 of a PP = 1 x TP = 2 grid), each the pickle of
+a one-element list. :meth:`DistCheckpointReader.read_objects` unpickles them like every other
+checkpoint file here: ``weights_only`` with the allowlist, never executing code.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -37,7 +45,11 @@ from torch.distributed.checkpoint import (
     LoadPlan,
 )
 from torch.distributed.checkpoint import load as dcp_load
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_endprompt.checkpoint.shards import safe_load
@@ -83,6 +95,28 @@ def _checkpoint_planner(requests: Mapping[str, tuple[str, tuple[int, ...], torch
     return RegionPlanner()
 
 
+class _RawBytesPlanner(DefaultLoadPlanner):
+    """Collects the raw bytes of ``ShardedObject`` entries (unpickled later, safely)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw: dict[str, bytes] = {}
+
+    def load_bytes(self, read_item, value) -> None:  # noqa: ANN001 - planner interface
+        self.raw[read_item.dest_index.fqn] = value.read()
+
+
+class _NamedBytes(io.BytesIO):
+    """Bytes whose ``str`` names their entry, so ``safe_load``'s errors name it too."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
 def _cause(err: BaseException) -> str:
     """The first rank's error of a CheckpointException (its text is a whole traceback)."""
     failures = getattr(err, "failures", None)
@@ -124,14 +158,21 @@ class DistCheckpointReader:
         except Exception as err:  # noqa: BLE001 - a missing or corrupt .metadata file
             raise ValueError(f"{where}: cannot read {iteration_dir}/.metadata: {err}") from err
         self.common = self._read_common()
+        entries = self.metadata.state_dict_metadata
+        self.tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            key: (tuple(md.size), md.properties.dtype)
+            for key, md in entries.items()
+            if isinstance(md, TensorStorageMetadata)
+        }
+        """Every stored tensor (model, optimizer): key -> (global shape, dtype)."""
+        self.objects = sorted(
+            key for key, md in entries.items() if isinstance(md, BytesStorageMetadata)
+        )
+        """The ``ShardedObject`` entries' stored names (``KEY/shard_OFFSETS_SHAPE``)."""
         self.shapes: dict[str, tuple[int, ...]] = {
-            key: tuple(md.size)
-            for key, md in self.metadata.state_dict_metadata.items()
-            if isinstance(md, TensorStorageMetadata) and key.startswith(MODEL_PREFIXES)
+            key: shape for key, (shape, _) in self.tensors.items() if key.startswith(MODEL_PREFIXES)
         }
-        self._dtypes = {
-            key: self.metadata.state_dict_metadata[key].properties.dtype for key in self.shapes
-        }
+        """The model's tensors: key -> global shape."""
 
     def _read_backend(self) -> str:
         path = os.path.join(self.path, METADATA_JSON)
@@ -180,31 +221,84 @@ class DistCheckpointReader:
         Raises:
             ValueError: naming the key when it is missing or its chunks do not cover the region.
         """
-        regions: dict[str, tuple[str, tuple[int, ...], torch.Tensor]] = {}
+        regions: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {}
         for name, (key, index) in requests.items():
-            if key not in self.shapes:
-                raise ValueError(f"{self.where}: {self.path} holds no tensor {key!r}")
-            shape = self.shapes[key]
+            shape = self._shape(key)
             offsets = (0,) * len(shape)
             if index is not None:
                 if not 0 <= index < shape[0]:
                     raise ValueError(f"{self.where}: {key} has {shape[0]} rows, asked for {index}")
                 offsets, shape = (index,) + offsets[1:], (1,) + shape[1:]
-            regions[name] = (key, offsets, torch.empty(shape, dtype=self._dtypes[key]))
+            regions[name] = (key, offsets, shape)
+        out = self.read_regions(regions)
+        return {name: out[name][0] if index is not None else out[name]
+                for name, (_, index) in requests.items()}  # fmt: skip
+
+    def read_regions(
+        self, requests: Mapping[str, tuple[str, tuple[int, ...], tuple[int, ...]]]
+    ) -> dict[str, torch.Tensor]:
+        """Read boxes of stored tensors: name -> (stored key, offsets, shape of the box).
+
+        E.g. ``("optimizer...bucket_idx_0.exp_avg", (640,), (4096,))``: elements 640..4735 of
+        a distributed-optimizer bucket.
+
+        Raises:
+            ValueError: naming the key when it is missing, the box leaves the tensor, or the
+                stored chunks do not cover it.
+        """
+        regions: dict[str, tuple[str, tuple[int, ...], torch.Tensor]] = {}
+        for name, (key, offsets, shape) in requests.items():
+            full = self._shape(key)
+            if (
+                len(offsets) != len(full)
+                or len(shape) != len(full)
+                or any(o < 0 or o + n > f for o, n, f in zip(offsets, shape, full))
+            ):
+                raise ValueError(
+                    f"{self.where}: {key} has shape {full}, asked for {tuple(shape)} at "
+                    f"{tuple(offsets)}"
+                )
+            dest = torch.empty(tuple(shape), dtype=self.tensors[key][1])
+            regions[name] = (key, tuple(offsets), dest)
         planner = _checkpoint_planner(regions)
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore")
-            try:
-                dcp_load({n: r[2] for n, r in regions.items()}, storage_reader=self._reader,
-                         planner=planner, no_dist=True)  # fmt: skip
-            except (Exception, CheckpointException) as err:  # noqa: BLE001 - any read failure
-                raise ValueError(f"{self.where}: cannot read {self.path}: {_cause(err)}") from err
+        self._load({n: r[2] for n, r in regions.items()}, planner)
         if planner.covered != sum(r[2].numel() for r in regions.values()):
             raise ValueError(
                 f"{self.where}: {self.path} is incomplete: its chunks do not cover "
                 f"{sorted({r[0] for r in regions.values()})[:3]}"
             )
-        return {
-            name: dest[0] if requests[name][1] is not None else dest
-            for name, (_, _, dest) in regions.items()
-        }
+        return {name: dest for name, (_, _, dest) in regions.items()}
+
+    def read_objects(self, names: list[str]) -> dict[str, Any]:
+        """Unpickle ``ShardedObject`` entries (``KEY/shard_...`` names of :attr:`objects`).
+
+        Returns:
+            name -> the object as saved (megatron-core's one-element list unwrapped).
+
+        Raises:
+            ValueError: naming the entry when it is missing or holds anything outside the
+                checkpoint allowlist (nothing is executed).
+        """
+        missing = [n for n in names if n not in self.objects]
+        if missing:
+            raise ValueError(f"{self.where}: {self.path} holds no object {missing[0]!r}")
+        planner = _RawBytesPlanner()
+        self._load(dict.fromkeys(names), planner)
+        out = {}
+        for name in names:
+            data = safe_load(_NamedBytes(planner.raw[name], f"{self.path}/{name}"), self.where)
+            out[name] = data[0] if isinstance(data, list) and len(data) == 1 else data
+        return out
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.tensors:
+            raise ValueError(f"{self.where}: {self.path} holds no tensor {key!r}")
+        return self.tensors[key][0]
+
+    def _load(self, state_dict: dict[str, Any], planner: DefaultLoadPlanner) -> None:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore")
+            try:
+                dcp_load(state_dict, storage_reader=self._reader, planner=planner, no_dist=True)
+            except (Exception, CheckpointException) as err:  # noqa: BLE001 - any read failure
+                raise ValueError(f"{self.where}: cannot read {self.path}: {_cause(err)}") from err

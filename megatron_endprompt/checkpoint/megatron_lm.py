@@ -49,7 +49,12 @@ _TRACKER_NAMES = ("model-parallel-rng", "expert-parallel-rng", "data-parallel-rn
 
 
 def _model_args(m: Any, tp: int) -> dict[str, Any]:
-    """Megatron-LM's model arguments of a ModelConfig (its names and conventions)."""
+    """Megatron-LM's model arguments of a ModelConfig (its names and conventions).
+
+    ``add_position_embedding`` is what its parser leaves for a RoPE run (True: only the deprecated
+    ``--no-position-embedding`` clears it, and its Llama examples do not pass that); its
+    ``check_checkpoint_args`` asserts the value equals the resuming run's.
+    """
     s = m.rope_scaling
     kv = m.kv_channels or m.hidden_size // m.num_attention_heads
     return dict(
@@ -57,7 +62,7 @@ def _model_args(m: Any, tp: int) -> dict[str, Any]:
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         group_query_attention=m.num_query_groups != m.num_attention_heads, kv_channels=kv,
         seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings,
-        position_embedding_type="rope", add_position_embedding=False,
+        position_embedding_type="rope", add_position_embedding=True,
         use_rotary_position_embeddings=True, rotary_base=m.rotary_base,
         rotary_percent=m.rotary_percent, rotary_interleaved=m.rotary_interleaved,
         rotary_seq_len_interpolation_factor=s.factor if s.rope_type == "linear" else None,
@@ -99,7 +104,8 @@ def megatron_args(
         use_distributed_optimizer=p.use_distributed_optimizer,
         world_size=world, data_parallel_size=max(world // (tp * pp * cp), 1),
         micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-        train_iters=run.train_iters, train_samples=t.train_samples, lr=t.lr, min_lr=t.min_lr,
+        rampup_batch_size=t.rampup_batch_size, train_iters=run.train_iters,
+        train_samples=t.train_samples, lr=t.lr, min_lr=t.min_lr,
         lr_warmup_iters=t.lr_warmup_iters, lr_decay_iters=t.lr_decay_iters,
         lr_warmup_samples=t.lr_warmup_samples, lr_decay_samples=t.lr_decay_samples,
         lr_warmup_fraction=t.lr_warmup_fraction, decoupled_lr=t.decoupled_lr,
@@ -262,6 +268,29 @@ def progress(shard: Mapping[str, Any]) -> tuple[int, int, int]:
     if valid is None:
         valid = shard.get("valid_consumed_samples", 0)
     return int(shard.get("iteration", 0) or 0), int(train or 0), int(valid or 0)
+
+
+def saved_layout(common: Mapping[str, Any]) -> tuple[int, int, int | None] | None:
+    """(TP, PP, virtual pipeline size or None) a checkpoint was saved with; None if unrecorded.
+
+    Ours record ``run_config["parallel"]`` (and ``rng_layout`` = [PP, TP] in ``torch_dist``),
+    Megatron-LM's its ``args`` (``tensor_model_parallel_size``, ...), as its load reads them.
+    """
+    run = common.get("run_config")
+    parallel = run.get("parallel") if isinstance(run, Mapping) else None
+    args = common.get("args")
+    if isinstance(parallel, Mapping):
+        get = parallel.get
+    elif isinstance(args, argparse.Namespace):
+        get = vars(args).get
+    else:
+        rng = common.get("rng_layout")
+        if isinstance(rng, (list, tuple)) and len(rng) == 2:
+            return int(rng[1]), int(rng[0]), None
+        return None
+    vpp = get("virtual_pipeline_model_parallel_size")
+    return (int(get("tensor_model_parallel_size") or 1),
+            int(get("pipeline_model_parallel_size") or 1), int(vpp) if vpp else None)  # fmt: skip
 
 
 def scheduler_state(shard: Mapping[str, Any]) -> Mapping[str, Any] | None:

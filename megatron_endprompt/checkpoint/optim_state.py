@@ -13,6 +13,9 @@ is_decoupled_lr)`` (``param_group_identifier_keys``), so a saved group must carr
 megatron-core's groups also carry ``max_lr`` / ``min_lr``, which its scheduler prefers over its
 own. Torch AdamW keeps a ``step`` per parameter state; Transformer Engine's FusedAdam keeps it in
 the group, and megatron-core's sharded form as ``state["common_step"]``.
+
+``torch_dist`` checkpoints hold the optimizer state sharded: :mod:`.dist_optim` reads it per
+parameter, :func:`check_masters` and :func:`load_param_states` put it into torch AdamW.
 """
 
 from __future__ import annotations
@@ -125,3 +128,79 @@ def check_no_distributed_optimizer(shard_path: str, where: str) -> None:
             f"{where}: {shard_path} was saved with Megatron-LM's distributed optimizer (its state "
             f"is in {DISTRIB_OPTIM_FILE}, which the CPU path does not read): pass --no-load-optim"
         )
+
+
+# ---------------------------------------------------------------- torch_dist (dist_optim.py)
+
+HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps", "max_lr", "min_lr")
+"""What a saved megatron-core param group sets in ours (its optimizer's implementation flags,
+``foreach`` / ``fused`` / ..., stay the CPU path's)."""
+
+
+def _group_id(group: Mapping[str, Any]) -> tuple[float, float, bool, bool]:
+    """megatron-core's ``param_group_identifier_keys`` of a group (ours: decoupled groups are the
+    ones with their own ``max_lr``)."""
+    decoupled = group.get("is_decoupled_lr", "max_lr" in group)
+    return (float(group.get("wd_mult", 1.0)), float(group.get("lr_mult", 1.0)),
+            bool(group.get("is_expert_parallel", False)), bool(decoupled))  # fmt: skip
+
+
+def check_masters(state: Any, weights: Mapping[str, torch.Tensor], where: str) -> None:
+    """The fp32 master weights of ``state`` (a :class:`.dist_optim.OptimizerState`) rounded to
+    the stored weights' dtype must BE the stored weights (megatron-core copies them so).
+
+    This is what proves a distributed-optimizer bucket layout was mapped right.
+
+    Raises:
+        ValueError: naming --no-load-optim and the first parameter that differs.
+    """
+    for name, entry in state.tensors.items():
+        main, weight = entry.get("main"), weights.get(name)
+        if main is not None and weight is not None and not torch.equal(main.to(weight.dtype),
+                                                                       weight):  # fmt: skip
+            raise ValueError(
+                f"{where}: the {state.sharding!r} optimizer state's master weight of {name} is "
+                "not the checkpoint's weight (a layout this run cannot map): pass --no-load-optim"
+            )
+
+
+def load_param_states(
+    optimizer: torch.optim.Optimizer, module: torch.nn.Module, state: Any, where: str
+) -> None:
+    """Load per-parameter Adam state (a :class:`.dist_optim.OptimizerState`) into torch AdamW.
+
+    Each of our param groups takes the hyperparameters of the saved group with the same
+    megatron-core identifiers (``wd_mult``, ``lr_mult``, ``is_expert_parallel``,
+    ``is_decoupled_lr``); every parameter gets the moments, its own ``step`` tensor and, when
+    saved, its fp32 master weight as its value (the weights megatron-core continues from).
+
+    Raises:
+        ValueError: naming --no-load-optim, when a group or a parameter has no saved state.
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+    saved = {_group_id(g): g for g in state.groups}
+    groups, entries, masters = [], {}, []
+    for group in optimizer.param_groups:
+        match = saved.get(_group_id(group))
+        if match is None:
+            raise ValueError(
+                f"{where}: the checkpoint has no optimizer param group like ours (wd_mult, "
+                f"lr_mult, experts, decoupled lr = {_group_id(group)}; it has "
+                f"{sorted(saved)}): pass --no-load-optim"
+            )
+        new = {k: v for k, v in group.items() if k != "params"}
+        new.update({k: match[k] for k in HYPERPARAMETERS if k in match})
+        new["betas"] = tuple(new["betas"])
+        new["params"] = list(range(len(entries), len(entries) + len(group["params"])))
+        for param in group["params"]:
+            entry = state.tensors[names[id(param)]]
+            step = torch.tensor(state.step, dtype=torch.float32)  # one per parameter
+            entries[len(entries)] = {"step": step, "exp_avg": entry["exp_avg"],
+                                     "exp_avg_sq": entry["exp_avg_sq"]}  # fmt: skip
+            if "main" in entry:
+                masters.append((param, entry["main"]))
+        groups.append(new)
+    optimizer.load_state_dict({"state": entries, "param_groups": groups})
+    with torch.no_grad():
+        for param, main in masters:
+            param.copy_(main.to(param.dtype))

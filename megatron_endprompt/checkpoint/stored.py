@@ -37,6 +37,7 @@ from megatron_endprompt.checkpoint import (
 )
 from megatron_endprompt.checkpoint.dist_reader import DistCheckpointReader, is_dist_checkpoint
 from megatron_endprompt.checkpoint.layout import verify_checksum
+from megatron_endprompt.checkpoint.megatron_lm import saved_layout
 from megatron_endprompt.checkpoint.shards import safe_load
 from megatron_endprompt.checkpoint.weights import (
     check_shapes,
@@ -65,6 +66,7 @@ class StoredCheckpoint:
         load_dir, iteration, path: the ``--save`` directory, the iteration, its directory.
         format: ``"torch"`` (per-shard) or ``"torch_dist"`` (dist_checkpointing).
         layout: (TP, PP) it was saved with, None when not recorded.
+        virtual_pipeline: its virtual pipeline size (``torch_dist``), None without.
         record: the shard (rank 0) or common state holding ``run_config`` / ``model_config``.
         model_config: the recorded config, ``transformer_impl`` set to the spec of the stored
             norm names (so :func:`norm_keys` of it names the stored tensors).
@@ -76,6 +78,7 @@ class StoredCheckpoint:
     def __init__(self, load_dir: str, iteration: int, path: str, where: str) -> None:
         self.load_dir, self.iteration, self.path, self.where = load_dir, iteration, path, where
         self.layout: tuple[int, int] | None = None
+        self.virtual_pipeline: int | None = None
         self.record: Mapping[str, Any] = {}
         self.model_config: ModelConfig | None = None
 
@@ -197,9 +200,9 @@ class DistCheckpoint(StoredCheckpoint):
     def __init__(self, load_dir: str, iteration: int, path: str, where: str) -> None:
         super().__init__(load_dir, iteration, path, where)
         self.reader = DistCheckpointReader(path, where)
-        saved = self.reader.common.get("rng_layout")  # [PP, TP] of the saving run
-        if isinstance(saved, (list, tuple)) and len(saved) == 2:
-            self.layout = (int(saved[1]), int(saved[0]))
+        saved = saved_layout(self.reader.common)  # ours or Megatron-LM's args
+        self.layout = None if saved is None else saved[:2]
+        self.virtual_pipeline = None if saved is None else saved[2]
         self.suffixes = self.reader.layer_keys()
         m = self._set_config(self.reader.common, _spec_of(self.suffixes))
         self._check_shapes(m)

@@ -55,7 +55,8 @@ def shard_for_tensor_parallel(
     megatron-core's rules: column-parallel weights (``linear_qkv``, ``linear_fc1``, the output
     layer) split along dim 0, row-parallel ones (``linear_proj``, ``linear_fc2``) along dim 1,
     the vocabulary of embedding and output layer is re-padded to ``padded_vocab_size(tp_size)``
-    and split along dim 0; norms are replicated. ``linear_qkv`` is grouped per query group, so a
+    (zero rows; already that size, its padding rows are kept as trained) and split along dim 0;
+    norms are replicated. ``linear_qkv`` is grouped per query group, so a
     contiguous split hands each rank whole groups; ``linear_fc1`` = cat(gate, up) is split per half.
 
     Raises:
@@ -70,7 +71,8 @@ def shard_for_tensor_parallel(
         if value is None or key.endswith("_extra_state"):
             continue
         if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            value = _pad_vocab(value[: model_config.vocab_size], padded)
+            if value.shape[0] != padded:  # same padding: keep the trained padding rows
+                value = _pad_vocab(value[: model_config.vocab_size], padded)
             value = value.chunk(tp_size, dim=0)[tp_rank]
         elif key.endswith("mlp.linear_fc1.weight") and model_config.swiglu:
             gate, up = value.chunk(2, dim=0)

@@ -7,6 +7,7 @@
   checkpoints, logging).
 * :mod:`.run`: :class:`RunConfig`, the whole run, and the rules that need several sections.
 * :mod:`.fp8`: Transformer Engine's FP8 shape rules.
+* :mod:`.batch_ramp`: Megatron-LM's ``--rampup-batch-size`` (megatron-core's calculator).
 
 Errors are ``ValueError`` naming the command-line flag and the offending value, so a bad run fails
 before any compute whether it was built from flags or in Python. The names below are the

@@ -147,17 +147,6 @@ INERT: tuple[CompatFlag, ...] = (
 )
 
 REFUSED: tuple[CompatFlag, ...] = (
-    CompatFlag(
-        "--mock-data",
-        "EndPrompt layouts are drawn over real documents: give --data-path (make one with "
-        "tools/preprocess_data.py)",
-    ),
-    CompatFlag(
-        "--rampup-batch-size",
-        "batch-size ramp-up is not implemented: the data layout, checkpoints and schedule "
-        "assume one --global-batch-size",
-        nargs=3,
-    ),
     CompatFlag("--use-legacy-models", "only megatron-core models are supported"),
     CompatFlag(
         "--no-save-optim",

@@ -11,6 +11,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_endprompt.config.batch_ramp import (
+    BatchSchedule,
+    RampPlan,
+    check_rampup,
+    compute_ramp_plan,
+    ramp_flag,
+)
 from megatron_endprompt.config.fp8 import check_fp8_shapes
 from megatron_endprompt.config.model import ModelConfig, ParallelConfig
 from megatron_endprompt.config.sections import (
@@ -60,11 +67,40 @@ class RunConfig:
 
     @property
     def train_iters(self) -> int:
-        """Iterations to run (from --train-iters or --train-samples)."""
+        """Iterations to run (from --train-iters or --train-samples, along the ramp if any)."""
         t = self.training
         if t.train_iters is not None:
             return t.train_iters
-        return -(-t.train_samples // t.global_batch_size)
+        if t.rampup_batch_size is not None:
+            return self.ramp_plan().iterations
+        return t.train_samples // t.global_batch_size  # Megatron-LM's update_train_iters
+
+    @property
+    def train_dataset_samples(self) -> int:
+        """Samples the training split is built for, as Megatron-LM builds it: --train-samples
+        when given (with a ramp, what the ramp reads when that is more), else iterations x
+        global batch."""
+        t = self.training
+        if t.train_samples is None:
+            return self.train_iters * t.global_batch_size
+        if t.rampup_batch_size is None:
+            return t.train_samples
+        return max(t.train_samples, self.ramp_plan().consumed_samples)
+
+    def ramp_plan(self) -> RampPlan:
+        """The --rampup-batch-size run's iterations (config/batch_ramp.py); needs a ramp."""
+        t = self.training
+        return compute_ramp_plan(
+            tuple(t.rampup_batch_size), t.global_batch_size, t.micro_batch_size,
+            self.data_parallel_size, t.train_samples,
+        )  # fmt: skip
+
+    def batch_schedule(self) -> BatchSchedule:
+        """The global batch of each iteration (constant, or the ramp's calculator)."""
+        t = self.training
+        return BatchSchedule(
+            t.global_batch_size, t.micro_batch_size, self.data_parallel_size, t.rampup_batch_size
+        )
 
     def __post_init__(self) -> None:
         # Every rule that needs more than one section: a RunConfig built in Python is checked
@@ -97,6 +133,8 @@ def _validate_batch(run: RunConfig) -> None:
             f"--global-batch-size={t.global_batch_size} is not divisible by --micro-batch-size="
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
+    if t.rampup_batch_size is not None:
+        _validate_ramp(run)
     pp, m = p.pipeline_model_parallel_size, run.num_microbatches
     if p.virtual_pipeline_model_parallel_size and m % pp:
         # megatron-core's interleaved schedule runs micro-batches in groups of PP per virtual
@@ -106,6 +144,28 @@ def _validate_batch(run: RunConfig) -> None:
             f"micro-batches per iteration (--global-batch-size / (--micro-batch-size x DP) = {m}) "
             f"to be a multiple of --pipeline-model-parallel-size={pp}"
         )
+
+
+def _validate_ramp(run: RunConfig) -> None:
+    """Every global batch the ramp reaches splits into micro-batches (megatron-core's calculator
+    asserts it each iteration) and, with virtual pipeline stages, into groups of PP."""
+    t, p = run.training, run.parallel
+    check_rampup(t.rampup_batch_size, t.global_batch_size)
+    flag = ramp_flag(t.rampup_batch_size)
+    step, pp = t.micro_batch_size * run.data_parallel_size, p.pipeline_model_parallel_size
+    for size, iteration in run.ramp_plan().first_iterations().items():
+        if size % step:
+            _fail(
+                f"{flag}: the global batch of iteration {iteration}, {size}, is not divisible "
+                f"by --micro-batch-size={t.micro_batch_size} x data-parallel size "
+                f"{run.data_parallel_size} (megatron-core's calculator asserts it)"
+            )
+        if p.virtual_pipeline_model_parallel_size and (size // step) % pp:
+            _fail(
+                f"{flag}: iteration {iteration} runs {size // step} micro-batches; the "
+                f"interleaved schedule (--num-layers-per-virtual-pipeline-stage) needs a "
+                f"multiple of --pipeline-model-parallel-size={pp}"
+            )
 
 
 def _validate_schedule(run: RunConfig) -> None:
@@ -214,8 +274,11 @@ def validate_run_config(run: RunConfig) -> None:
     _validate_schedule(run)
     _validate_lengths(run)
     _validate_backend(run)
-    if not run.data.data_path:
-        _fail("--data-path is required (a Megatron .bin/.idx prefix, or weight/prefix pairs)")
+    if not run.data.data_path and not run.data.mock_data:
+        _fail(
+            "--data-path is required (a Megatron .bin/.idx prefix, or weight/prefix pairs; "
+            "--mock-data for synthetic data)"
+        )
     needs_model = run.data.tokenizer_type not in ("ByteTokenizer", "NullTokenizer",
                                                   "GPT2BPETokenizer")  # fmt: skip
     if needs_model and not run.data.tokenizer_model:

@@ -26,6 +26,9 @@ from megatron_endprompt.positions import (
     TerminalSource,
 )
 
+MOCK_SPLIT = "1,1,1"
+"""megatron-core's split of mock data (BlendedMegatronDatasetConfig sets it whatever --split)."""
+
 CkptFormat = Literal["torch_dist", "torch"]
 CKPT_FORMATS: tuple[str, ...] = get_args(CkptFormat)
 
@@ -36,6 +39,9 @@ class DataConfig:
 
     data_path: list[str] = field(default_factory=list)
     """Megatron blend: PREFIX or W1 PREFIX1 W2 PREFIX2 ... (PREFIX without .bin/.idx)."""
+    mock_data: bool = False
+    """Synthetic documents instead of --data-path (megatron-core's MockGPTDataset text, under the
+    run's tokenizer and position layout; split 1,1,1), to smoke-test a launch."""
     split: str = "969,30,1"
     """Train/valid/test weights of each prefix, as Megatron-LM's --split (missing parts are 0:
     "98,2" is 98,2,0)."""
@@ -73,6 +79,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "--num-workers", self.num_workers, "must be >= 0")
+        _require(
+            not (self.mock_data and self.data_path),
+            "--mock-data",
+            True,
+            "give it or --data-path, not both: a single data source must be provided (as "
+            "Megatron-LM)",
+        )
+        if self.mock_data:
+            self.split = MOCK_SPLIT
         self.split_weights()
 
     def tokenizer_options(self) -> dict:

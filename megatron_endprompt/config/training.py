@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from megatron_endprompt.config.batch_ramp import ramp_flag
 from megatron_endprompt.config.model import _require
 
 LrDecayStyle = Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"]
@@ -28,7 +29,10 @@ class TrainingConfig:
     train_iters: int | None = None
     """Iterations to train (or give --train-samples)."""
     train_samples: int | None = None
-    """Samples to train; iterations = train_samples / global batch."""
+    """Samples to train; iterations = train_samples // global batch (Megatron-LM's floor)."""
+    rampup_batch_size: list[int] | None = None
+    """START INCREMENT SAMPLES: the global batch grows from START by INCREMENT over SAMPLES
+    consumed samples up to --global-batch-size (Megatron-LM's ramp; needs --train-samples)."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 0.0
@@ -106,6 +110,16 @@ class TrainingConfig:
             ("--train-samples", self.train_samples),
         ):
             _require(value is None or value >= 1, flag, value, "must be >= 1")
+        _require(
+            self.train_samples is None
+            or self.rampup_batch_size is not None
+            or self.train_samples >= self.global_batch_size,
+            "--train-samples",
+            self.train_samples,
+            f"is less than one --global-batch-size ({self.global_batch_size}): Megatron-LM "
+            "trains train_samples // global_batch_size iterations, here none",
+        )
+        self._check_rampup()
         self._check_schedule()
         self._check_numerics()
         if self.eval_interval == 0:
@@ -125,6 +139,20 @@ class TrainingConfig:
                 "--exit-duration-in-mins",
                 self.exit_duration_in_mins,
                 "must be > 0",
+            )
+
+    def _check_rampup(self) -> None:
+        """--rampup-batch-size: three values, sample-based training only (as Megatron-LM)."""
+        ramp = self.rampup_batch_size
+        if ramp is None:
+            return
+        flag = ramp_flag(ramp)
+        if len(ramp) != 3:
+            raise ValueError(f"{flag}: give three values, START INCREMENT SAMPLES")
+        if self.train_iters is not None:
+            raise ValueError(
+                f"{flag}: expected no batch-size rampup for iteration-based training (as "
+                "Megatron-LM): give --train-samples instead of --train-iters"
             )
 
     def _check_schedule(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import MockGPTDataset, MockGPTLowLevelDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.object_storage_utils import is_object_storage_path
 from megatron.core.datasets.utils import get_blend_from_list
@@ -68,6 +69,28 @@ class CheckedEndPromptDataset(EndPromptDataset):
                 self.unique_description.encode("utf-8"), usedforsecurity=False
             ).hexdigest()
         return super()._build_document_sample_shuffle_indices()
+
+
+class MockEndPromptDataset(EndPromptDataset):
+    """Megatron-LM's ``--mock-data``: megatron-core's MockGPTDataset documents, our layouts.
+
+    The text is megatron-core's ``MockGPTLowLevelDataset`` (100,000 documents of 1..4095 tokens,
+    ``1, 2, ... % vocab_size`` then EOD, under the run's tokenizer); samples, indices and splits
+    are GPTDataset's, so the contiguous layout gives MockGPTDataset's samples exactly and the other
+    layouts rearrange them as they do real text. Built when the config has no blend.
+    """
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: MockGPTLowLevelDataset) -> int:
+        """The number of mock documents."""
+        return MockGPTDataset.numel_low_level_dataset(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(
+        dataset_path: str | None, config: EndPromptDatasetConfig
+    ) -> MockGPTLowLevelDataset:
+        """megatron-core's mock documents (``dataset_path`` is None)."""
+        return MockGPTDataset.build_low_level_dataset(dataset_path, config)
 
 
 def _stats_dir(prefix: str, config: EndPromptDatasetConfig) -> str:
@@ -134,7 +157,8 @@ def build_datasets(
 
     A split is an ``EndPromptDataset`` (one prefix) or a megatron-core ``BlendedDataset`` of them
     (several prefixes; its samples also carry ``dataset_id``), or None when the split is empty
-    or this rank does not build.
+    or this rank does not build. A config without a blend (megatron-core then sets ``mock``)
+    builds :class:`MockEndPromptDataset` splits.
 
     Args:
         config: the dataset config (blend or blend_per_split, split, cache path, layout).
@@ -154,7 +178,8 @@ def build_datasets(
             raise ValueError(f"train_valid_test_num_samples entries must be ints >= 0: {sizes}")
     sizes = _sizes_for_megatron(config, sizes)
     predicate = is_built_on_rank if is_built_on_rank is not None else (lambda: True)
-    builder = BlendedMegatronDatasetBuilder(CheckedEndPromptDataset, sizes, predicate, config)
+    cls = MockEndPromptDataset if config.mock else CheckedEndPromptDataset
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, predicate, config)
     with _single_process_is_rank_zero():
         train, valid, test = builder.build()
     return train, valid, test

@@ -79,6 +79,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path,
 from megatron.core.datasets.object_storage_utils import is_object_storage_path
 from megatron.core.utils import log_single_rank
 
+from megatron_endprompt.data.corpus_checks import check_index_cache_file
 from megatron_endprompt.data.dataset_config import (  # noqa: F401  (re-exported)
     DEFAULT_CUE_STRINGS,
     DEFAULT_TERMINAL_LOSS_WEIGHT,
@@ -206,7 +207,13 @@ class EndPromptDataset(GPTDataset):
         ]
 
     def _build_document_sample_shuffle_indices(self):
-        """megatron-core's indices, except for a split without tokens (which would hang it)."""
+        """megatron-core's indices, except for a split without tokens (which would hang it).
+
+        Cached index files are checked from their headers first (megatron-core loads them with
+        ``allow_pickle=True``): see :func:`check_index_cache_file`.
+        """
+        for path in self._cached_index_files():
+            check_index_cache_file(path)
         if self.indices is not None and not self.config.defer_npy_index_mmap:
             if int(np.sum(self.dataset.sequence_lengths[self.indices], dtype=np.int64)) == 0:
                 if self.num_samples:
@@ -222,6 +229,19 @@ class EndPromptDataset(GPTDataset):
                     np.zeros(0, dtype=np.uint32),
                 )
         return super()._build_document_sample_shuffle_indices()
+
+    def _cached_index_files(self) -> list[str]:
+        """This split's cached index files that exist, named as megatron-core names them."""
+        cache = self.config.path_to_cache
+        if cache is None and not self.config.mock:
+            cache = os.path.join(
+                self.dataset.path_prefix, "cache", f"{type(self).__name__}_indices"
+            )
+        if not cache:
+            return []
+        base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
+        names = (f"{base}-{affix}_index.npy" for affix in ("document", "sample", "shuffle"))
+        return [p for p in (os.path.join(cache, n) for n in names) if os.path.isfile(p)]
 
     def sample_rng(self, idx: int) -> np.random.Generator:
         """A fresh generator for sample ``idx``, keyed by (random_seed, idx) only."""

@@ -71,12 +71,7 @@ class EndPromptDatasetConfig(GPTDatasetConfig):
 
     def __post_init__(self) -> None:
         """Run megatron-core's checks, then validate and resolve the EndPrompt fields."""
-        super().__post_init__()
-        if self.mock:
-            raise ValueError(
-                "blend: EndPromptDataset reads indexed data; pass blend or blend_per_split "
-                "(--data-path), mock data is not supported"
-            )
+        super().__post_init__()  # no blend: megatron-core's mock data (see builder.py)
         _check_choice("position_mode", self.position_mode, POSITION_MODES)
         _check_choice("terminal", self.terminal, TERMINALS)
         _check_choice("placement", self.placement, PLACEMENTS)
@@ -269,7 +264,8 @@ def resolve_cues(
     Returns:
         One tuple of ids per cue, in order.
     """
-    if cues is None:
+    defaults = cues is None
+    if defaults:
         cues = default_cues(tokenizer)
     try:
         bos = tokenizer.bos
@@ -278,7 +274,14 @@ def resolve_cues(
     resolved = []
     for cue in cues:
         if isinstance(cue, str):
-            ids = [int(i) for i in tokenizer.tokenize(cue)]
+            try:
+                ids = [int(i) for i in tokenizer.tokenize(cue)]
+            except ValueError as err:  # NullTokenizer reads text as ids
+                given = "the default cue" if defaults else "the cue"
+                raise ValueError(
+                    f"--endprompt-cues: {given} {cue!r} cannot be tokenized ({err}); give cues as "
+                    'token ids (e.g. --endprompt-cues "7 8 9") or use --endprompt-terminal tail'
+                ) from err
             if bos is not None and len(ids) > 1 and ids[0] == bos:
                 ids = ids[1:]
         else:

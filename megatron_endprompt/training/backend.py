@@ -1,7 +1,8 @@
 """The backend seam: build, train_step, evaluate, save, load; two implementations.
 
 * :class:`LocalBackend` (CPU): gloo, torch DDP, torch AdamW, the per-shard checkpoint format
-  (Megatron-LM's legacy ``torch`` layout; ``torch_dist`` checkpoints load their weights too).
+  (Megatron-LM's legacy ``torch`` layout; ``torch_dist`` checkpoints resume too, see
+  ``checkpoint/resume.py``).
 * :class:`MegatronBackend` (CUDA): megatron-core DDP, (distributed) optimizer, pipeline
   schedules, ``dist_checkpointing``.
 
@@ -35,7 +36,7 @@ from megatron_endprompt.training.state import (
     build_tokenizer_for_run,
     state_to_save,
 )
-from megatron_endprompt.training.step import StepShape, evaluate_cpu, train_step_cpu
+from megatron_endprompt.training.step import Progress, StepShape, evaluate_cpu, train_step_cpu
 
 
 class Backend(Protocol):
@@ -47,11 +48,17 @@ class Backend(Protocol):
     def load(self, objs: TrainingObjects) -> TrainState:
         """Resume (or --finetune) from --load, which the loop has checked holds a checkpoint."""
 
-    def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
-        """One iteration: ``loss``, ``grad_norm`` (+ ``skipped``, ``loss_scale`` when known)."""
+    def train_step(
+        self, objs: TrainingObjects, data_iterator: Iterator | None, shape: StepShape
+    ) -> dict[str, float]:
+        """One iteration of ``shape`` (its micro-batch count follows the global batch of the
+        iteration): ``loss``, ``grad_norm`` (+ ``skipped``, ``loss_scale`` when known)."""
 
-    def evaluate(self, objs: TrainingObjects, data_iterator: Iterator | None) -> float:
-        """Global weighted validation loss over --eval-iters iterations."""
+    def evaluate(
+        self, objs: TrainingObjects, data_iterator: Iterator | None, progress: Progress = None
+    ) -> float:
+        """Global weighted validation loss over --eval-iters iterations; ``progress(done)`` is
+        called after each one."""
 
     def save(self, objs: TrainingObjects, state: TrainState) -> str:
         """Write and publish the checkpoint of ``state.iteration``; returns its directory."""
@@ -59,7 +66,8 @@ class Backend(Protocol):
 
 @dataclass
 class _BackendState:
-    """What every backend is made with: the run, its process groups and its batch geometry."""
+    """What every backend is made with: the run, its process groups and its batch geometry
+    at the full --global-batch-size (validation's; a training step gets its own)."""
 
     run: object
     rt: Runtime
@@ -98,15 +106,19 @@ class LocalBackend(_BackendState):
             log(f"resumed from {c.load} at iteration {state.iteration}")
         return state
 
-    def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
+    def train_step(
+        self, objs: TrainingObjects, data_iterator: Iterator | None, shape: StepShape
+    ) -> dict[str, float]:
         (model,) = objs.model
         clip = self.run.training.clip_grad
-        return train_step_cpu(model, objs.optimizer, data_iterator, self.shape, self.rt, clip)
+        return train_step_cpu(model, objs.optimizer, data_iterator, shape, self.rt, clip)
 
-    def evaluate(self, objs: TrainingObjects, data_iterator: Iterator | None) -> float:
+    def evaluate(
+        self, objs: TrainingObjects, data_iterator: Iterator | None, progress: Progress = None
+    ) -> float:
         (model,) = objs.model
         iters = self.run.training.eval_iters
-        return evaluate_cpu(model, data_iterator, self.shape, self.rt, iters)
+        return evaluate_cpu(model, data_iterator, self.shape, self.rt, iters, progress)
 
     def save(self, objs: TrainingObjects, state: TrainState) -> str:
         rt, c = self.rt, self.run.checkpoint
@@ -133,14 +145,20 @@ class MegatronBackend(_BackendState):
             raise FileNotFoundError(f"--load={load}: no checkpoint (its tracker is gone)")
         return state
 
-    def train_step(self, objs: TrainingObjects, data_iterator: Iterator | None) -> dict[str, float]:
+    def train_step(
+        self, objs: TrainingObjects, data_iterator: Iterator | None, shape: StepShape
+    ) -> dict[str, float]:
         return megatron_step.train_step_megatron(
-            objs.model, objs.optimizer, data_iterator, self.shape, self.rt
+            objs.model, objs.optimizer, data_iterator, shape, self.rt
         )
 
-    def evaluate(self, objs: TrainingObjects, data_iterator: Iterator | None) -> float:
-        iters, shape = self.run.training.eval_iters, self.shape
-        return megatron_step.evaluate_megatron(objs.model, data_iterator, shape, self.rt, iters)
+    def evaluate(
+        self, objs: TrainingObjects, data_iterator: Iterator | None, progress: Progress = None
+    ) -> float:
+        iters, shape, model = self.run.training.eval_iters, self.shape, objs.model
+        return megatron_step.evaluate_megatron(
+            model, data_iterator, shape, self.rt, iters, progress
+        )
 
     def save(self, objs: TrainingObjects, state: TrainState) -> str:
         return dist_checkpoint.save(self.run, self.rt, objs, state)

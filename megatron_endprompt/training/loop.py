@@ -8,6 +8,7 @@ directory contract are the same on both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_endprompt import checkpoint as ckpt
-from megatron_endprompt.atomic_io import check_writable_dir
 from megatron_endprompt.checkpoint.layout import check_load_dir
 from megatron_endprompt.config import RunConfig
+from megatron_endprompt.config.batch_ramp import BatchSchedule
 from megatron_endprompt.training.backend import Backend, make_backend
 from megatron_endprompt.training.data import cycle_iterator, make_data_iterator
 from megatron_endprompt.training.logging import (
@@ -29,6 +30,7 @@ from megatron_endprompt.training.logging import (
     model_flops_per_token,
     peak_memory_gib,
 )
+from megatron_endprompt.training.preflight import check_output_paths
 from megatron_endprompt.training.runtime import Runtime, seed_everything, setup_runtime
 from megatron_endprompt.training.signals import ExitSignalHandler
 from megatron_endprompt.training.state import TrainingObjects, TrainState, build_datasets_for_run
@@ -56,6 +58,8 @@ class TrainResult:
     """This rank's peak memory (``logging.peak_memory_gib``)."""
     peak_memory_kind: str = ""
     """What ``peak_memory_gib`` measured: ``cuda_max_allocated`` or ``process_peak_rss``."""
+    global_batch_sizes: list[int] = field(default_factory=list)
+    """The global batch of each iteration run by this process (changes with a ramp)."""
 
 
 def _flops_per_token(run: RunConfig) -> float:
@@ -85,30 +89,34 @@ def _save(run: RunConfig, rt: Runtime, backend, objs, state: TrainState) -> str 
 class _Meter:
     """Interval and whole-run throughput (the first, warm-up iteration is excluded)."""
 
-    tokens_per_iter: int
     t_interval: float = field(default_factory=time.perf_counter)
-    iters_interval: int = 0
+    tokens_interval: int = 0
     t_first: float | None = None
-    iters_after_first: int = 0
+    tokens_after_first: int = 0
 
-    def tick(self) -> None:
-        self.iters_interval += 1
+    def tick(self, tokens: int) -> None:
+        """One iteration of ``tokens`` tokens (its global batch x sequence length) done."""
+        self.tokens_interval += tokens
         if self.t_first is None:
             self.t_first = time.perf_counter()
         else:
-            self.iters_after_first += 1
+            self.tokens_after_first += tokens
 
     def interval(self) -> tuple[float, float]:
         """(seconds, tokens/s) since the last call."""
         dt = time.perf_counter() - self.t_interval
-        tps = self.tokens_per_iter * self.iters_interval / dt
-        self.t_interval, self.iters_interval = time.perf_counter(), 0
+        tps = self.tokens_interval / dt
+        self.t_interval, self.tokens_interval = time.perf_counter(), 0
         return dt, tps
 
     def overall(self) -> float:
-        if not self.iters_after_first:
+        if not self.tokens_after_first:
             return float("nan")
-        return self.tokens_per_iter * self.iters_after_first / (time.perf_counter() - self.t_first)
+        return self.tokens_after_first / (time.perf_counter() - self.t_first)
+
+
+_OPTIONAL_SCALARS = ("loss_scale", "global_batch_size", "consumed_samples")
+"""Logged when the step reports them (fp16's loss scale; a ramp's batch and consumed samples)."""
 
 
 def _log(run, rt, logger, objs, state, metrics, meter) -> None:
@@ -119,7 +127,7 @@ def _log(run, rt, logger, objs, state, metrics, meter) -> None:
         "grad_norm": metrics["grad_norm"],
         "tokens_per_s": tps,
         "tflops_per_device": tps * _flops_per_token(run) / 1e12 / rt.world_size,
-        **{k: metrics[k] for k in ("loss_scale",) if k in metrics},
+        **{k: metrics[k] for k in _OPTIONAL_SCALARS if k in metrics},
         **memory_stats(rt.device),
     }
     logger.log(state.iteration, scalars, dt)
@@ -143,29 +151,17 @@ class _Loop:
     logger: MetricsLogger
     meter: _Meter
     handler: ExitSignalHandler | None
+    schedule: BatchSchedule
+    """The global batch of each iteration (--global-batch-size, or the ramp's calculator)."""
+    shape: StepShape
+    """The batch geometry at the full --global-batch-size; each iteration's has its own count."""
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
     valid_loss: float | None = None
     last_path: str | None = None
     interrupted: bool = False
     started: float = field(default_factory=time.monotonic)
-
-
-def _has_index_cache(path: str) -> bool:
-    """Whether a --data-cache-path directory already holds built index files (``*.npy``)."""
-    return any(name.endswith(".npy") for _, _, names in os.walk(path) for name in names)
-
-
-def _check_output_paths(run: RunConfig) -> None:
-    """Refuse --save, --tensorboard-dir and --data-cache-path that cannot be written (before
-    anything is built); a read-only --data-cache-path is accepted when it holds a built cache."""
-    for flag, path, prebuilt in (
-        ("--save", run.checkpoint.save, None),
-        ("--tensorboard-dir", run.logging.tensorboard_dir, None),
-        ("--data-cache-path", run.data.data_cache_path, _has_index_cache),
-    ):
-        if path:
-            check_writable_dir(path, flag, prebuilt)
 
 
 def _has_checkpoint(run: RunConfig, rt: Runtime) -> bool:
@@ -210,7 +206,7 @@ def _start(run: RunConfig) -> _Loop:
         p.context_parallel_size,
         timeout_minutes=p.distributed_timeout_minutes,
     )
-    _check_output_paths(run)
+    check_output_paths(run)
     resume = _has_checkpoint(run, rt)
     seed_everything(t.seed)
     shape = StepShape(t.micro_batch_size, run.model.seq_length, run.num_microbatches)
@@ -230,13 +226,14 @@ def _start(run: RunConfig) -> _Loop:
         plot_path=os.path.join(plot_dir, "loss_curve.png") if plot_dir else None,
     )
     handler = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
-    meter = _Meter(t.global_batch_size * run.model.seq_length)
     ckpt.set_rng_state(rng)
-    return _Loop(run, rt, backend, objs, state, train_iter, valid_iter, logger, meter, handler)
+    return _Loop(run, rt, backend, objs, state, train_iter, valid_iter, logger, _Meter(), handler,
+                 run.batch_schedule(), shape)  # fmt: skip
 
 
 def _evaluate(lp: _Loop) -> None:
-    lp.valid_loss = lp.backend.evaluate(lp.objs, lp.valid_iter)
+    progress = lp.logger.eval_progress(lp.run.training.eval_iters)
+    lp.valid_loss = lp.backend.evaluate(lp.objs, lp.valid_iter, progress)
     # Every rank counts (not only the data readers): the position is saved with the checkpoint.
     lp.state.valid_consumed_samples += (
         lp.run.training.eval_iters * lp.run.training.global_batch_size
@@ -244,19 +241,41 @@ def _evaluate(lp: _Loop) -> None:
     lp.logger.log_eval(lp.state.iteration, lp.valid_loss)
 
 
+def _global_batch(lp: _Loop) -> int:
+    """This iteration's global batch: the calculator decides from the consumed samples, at the
+    start of each iteration (as Megatron-LM); a ramp's changes are printed."""
+    gbs = lp.schedule.global_batch_at(lp.state.consumed_samples)
+    last = lp.batch_sizes[-1] if lp.batch_sizes else None
+    if lp.schedule.ramps and gbs != last and lp.rt.is_logging_rank:
+        change = f"{last} -> {gbs}" if last is not None else f"{gbs}"
+        print(f"global batch size {change} at {lp.state.consumed_samples} consumed samples "
+              "(--rampup-batch-size)", flush=True)  # fmt: skip
+    return gbs
+
+
+def _ramp_step_ends(lp: _Loop, gbs: int) -> bool:
+    """Whether the next iteration's global batch differs: Megatron-LM saves a checkpoint then."""
+    return lp.schedule.ramps and lp.schedule.global_batch_at(lp.state.consumed_samples) != gbs
+
+
 def _step(lp: _Loop) -> bool:
     """One iteration with its logging, evaluation and saving; False when the loop must stop."""
     run, t, state = lp.run, lp.run.training, lp.state
-    metrics = lp.backend.train_step(lp.objs, lp.train_iter)
+    gbs = _global_batch(lp)
+    shape = dataclasses.replace(lp.shape, num_microbatches=lp.schedule.num_microbatches(gbs))
+    metrics = lp.backend.train_step(lp.objs, lp.train_iter, shape)
     if not metrics.get("skipped"):
         # As Megatron-LM: the LR schedule advances only on a successful update (an fp16
         # overflow skips the step); iterations and consumed samples always advance.
-        lp.objs.scheduler.step(increment=t.global_batch_size)
+        lp.objs.scheduler.step(increment=gbs)
     state.iteration += 1
-    state.consumed_samples += t.global_batch_size
+    state.consumed_samples += gbs
     lp.losses.append(metrics["loss"])
     lp.grad_norms.append(metrics["grad_norm"])
-    lp.meter.tick()
+    lp.batch_sizes.append(gbs)
+    lp.meter.tick(gbs * run.model.seq_length)
+    if lp.schedule.ramps:
+        metrics = {**metrics, "global_batch_size": gbs, "consumed_samples": state.consumed_samples}
     last = state.iteration == run.train_iters
     if _due(run.logging.log_interval, state.iteration) or last:
         _log(run, lp.rt, lp.logger, lp.objs, state, metrics, lp.meter)
@@ -268,7 +287,8 @@ def _step(lp: _Loop) -> bool:
         return False
     stop = _due(t.exit_interval, state.iteration) or _out_of_time(lp)
     stop = (lp.handler is not None and lp.handler.should_exit(lp.rt.device)) or stop
-    if stop or _due(run.checkpoint.save_interval, state.iteration):
+    due = _due(run.checkpoint.save_interval, state.iteration) or _ramp_step_ends(lp, gbs)
+    if stop or due:
         lp.last_path = _save(run, lp.rt, lp.backend, lp.objs, state)
     lp.interrupted = stop
     return not stop
@@ -315,6 +335,7 @@ def _finish(lp: _Loop) -> TrainResult:
         reporting=lp.rt.is_logging_rank,
         peak_memory_gib=peak_gib,
         peak_memory_kind=peak_kind,
+        global_batch_sizes=lp.batch_sizes,
     )
 
 

@@ -34,7 +34,12 @@ from megatron_endprompt.training.loss import (
     microbatch_objective,
 )
 from megatron_endprompt.training.runtime import Runtime
-from megatron_endprompt.training.step import StepShape, fetch_microbatches, weighted_mean
+from megatron_endprompt.training.step import (
+    Progress,
+    StepShape,
+    fetch_microbatches,
+    weighted_mean,
+)
 
 
 def batch_shared_layout(run) -> bool:
@@ -219,13 +224,15 @@ def evaluate_megatron(
     shape: StepShape,
     rt: Runtime,
     eval_iters: int,
+    progress: Progress = None,
 ) -> float:
-    """Global weighted mean validation loss through the schedule (forward only)."""
+    """Global weighted mean validation loss through the schedule (forward only);
+    ``progress(done)`` after each iteration."""
     for chunk in model:
         chunk.eval()
     weighted = torch.zeros((), dtype=torch.float64, device=rt.device)
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for _ in range(eval_iters):
+    for done in range(1, eval_iters + 1):
         batches = fetch_microbatches(data_iterator, shape, rt)
         total += sum(b["loss_mask"].double().sum() for b in batches)
 
@@ -245,6 +252,8 @@ def evaluate_megatron(
         )
         for out in outputs or []:
             weighted += out["weighted_sum"].double()
+        if progress is not None:
+            progress(done)
     all_reduce(weighted, rt.dp_cp_group)
     all_reduce(total, rt.dp_cp_group)
     for chunk in model:

@@ -123,7 +123,7 @@ def dataset_config(run: RunConfig, tokenizer) -> EndPromptDatasetConfig:
     return EndPromptDatasetConfig(
         random_seed=run.training.seed,
         sequence_length=run.model.seq_length,
-        blend=parse_blend(d.data_path),
+        blend=None if d.mock_data else parse_blend(d.data_path),  # None: megatron's mock data
         split=d.split,
         path_to_cache=d.data_cache_path,
         tokenizer=tokenizer,
@@ -141,7 +141,7 @@ def build_datasets_for_run(run: RunConfig, rt: Runtime, tokenizer):
     t = run.training
     gbs = t.global_batch_size
     n_evals = (run.train_iters // t.eval_interval if t.eval_interval else 0) + 1
-    sizes = [run.train_iters * gbs, n_evals * t.eval_iters * gbs if t.eval_iters else 0, 0]
+    sizes = [run.train_dataset_samples, n_evals * t.eval_iters * gbs if t.eval_iters else 0, 0]
     train, valid, _ = build_datasets(
         dataset_config(run, tokenizer), sizes, is_built_on_rank=is_dataset_built_on_rank
     )

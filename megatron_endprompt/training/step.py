@@ -10,7 +10,7 @@ global norm and steps; the megatron-core iteration is in megatron_step.py.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,9 @@ from megatron_endprompt.training.loss import (
 )
 from megatron_endprompt.training.optim import clip_gradients, grad_norm
 from megatron_endprompt.training.runtime import Runtime
+
+Progress = Callable[[int], None] | None
+"""Called with the number of evaluation iterations done (progress lines)."""
 
 
 @dataclass
@@ -109,17 +112,21 @@ def evaluate_cpu(
     shape: StepShape,
     rt: Runtime,
     eval_iters: int,
+    progress: Progress = None,
 ) -> float:
-    """Global weighted mean loss over ``eval_iters`` iterations' worth of validation batches."""
+    """Global weighted mean loss over ``eval_iters`` iterations' worth of validation batches;
+    ``progress(done)`` after each iteration."""
     was_training = model.training
     model.eval()
     weighted = torch.zeros((), dtype=torch.float64, device=rt.device)
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for _ in range(eval_iters):
+    for done in range(1, eval_iters + 1):
         for batch in fetch_microbatches(data_iterator, shape, rt):
             wsum, msum = masked_loss_sum(forward_loss(model, batch), batch["loss_mask"])
             weighted += wsum.double()
             total += msum.double()
+        if progress is not None:
+            progress(done)
     all_reduce(weighted, rt.dp_cp_group)
     all_reduce(total, rt.dp_cp_group)
     model.train(was_training)

@@ -1,4 +1,5 @@
-"""The CPU (local) backend --load's a torch_dist checkpoint written by the CUDA path."""
+"""The CPU (local) backend --load's a torch_dist checkpoint written by the CUDA path (the full
+resume of every optimizer format: test_cpu_resumes_torch_dist.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from megatron_endprompt.cli import parse_run_config  # noqa: E402
 from megatron_endprompt.model.gpt import build_model  # noqa: E402
 from megatron_endprompt.training.loop import train  # noqa: E402
 from megatron_endprompt.training.optim import build_adamw  # noqa: E402
+from megatron_endprompt.training.state import build_scheduler_for_run  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_process_parallel_state")]
 
@@ -41,11 +43,15 @@ def test_local_backend_takes_torch_dist_weights_and_progress(tmp_path_factory):
     expected = rank_state_dict(open_checkpoint(save), run.model)
     for key, value in expected.items():
         assert torch.equal(module.state_dict()[key], value), key
-    # Without --no-load-optim the sharded optimizer state cannot be taken: a clear refusal.
-    strict = parse_run_config(_run_flags(tmp_path_factory, save, "--train-iters", "3"))
-    strict.model.vocab_size = 259
-    with pytest.raises(ValueError, match="--no-load-optim"):
-        resume_local(strict, ckpt.ShardRank(), 1, module, optimizer, None, print)
+    assert not optimizer.state  # --no-load-optim: fresh moments
+    # Without it the optimizer's sharded state is mapped too (test_cpu_resumes_torch_dist.py).
+    full = parse_run_config(_run_flags(tmp_path_factory, save, "--train-iters", "3"))
+    full.model.vocab_size = 259
+    scheduler = build_scheduler_for_run(full, optimizer)
+    got = resume_local(full, ckpt.ShardRank(), 1, module, optimizer, scheduler, print)
+    assert got[:2] == (1, 4)
+    assert {float(s["step"]) for s in optimizer.state.values()} == {1.0}
+    assert len(optimizer.state) == len(list(module.parameters()))
 
 
 def test_cpu_training_resumes_from_torch_dist(tmp_path_factory):

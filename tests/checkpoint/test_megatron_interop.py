@@ -192,7 +192,7 @@ def test_saved_shard_has_megatron_lm_structure(corpus, tmp_path):
                   make_vocab_size_divisible_by=1, padded_vocab_size=259,
                   tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                   consumed_train_samples=8, consumed_valid_samples=0, train_iters=2,
-                  global_batch_size=4, micro_batch_size=2, add_position_embedding=False,
+                  global_batch_size=4, micro_batch_size=2, add_position_embedding=True,
                   tokenizer_type="ByteTokenizer", transformer_impl="local",
                   ckpt_format="torch")  # fmt: skip
     assert {k: getattr(args, k) for k in expect} == expect

@@ -341,9 +341,6 @@ def test_config_validation(tmp_path, overrides, needle):
         make_config("/nonexistent/prefix", str(tmp_path), **{"cues": [[1]], **overrides})
 
 
-def test_mock_data_refused(tmp_path):
-    with pytest.raises(ValueError, match="blend"):
-        make_config(([], None), str(tmp_path), blend=None, cues=[[1]])
 
 
 def test_empty_documents_fail_with_the_prefix(tmp_path):

@@ -4,9 +4,10 @@ Every emulated run of the module-level plans happens in one of three torchrun la
 4 ranks), in order, so megatron-core and torch are imported three times, not once per run:
 
 * 1 rank: the initial checkpoint, the one-process references (fp32, bf16), a fresh run for the
-  CPU-path comparison, and an fp16 run;
+  CPU-path comparison, an fp16 run, and --rampup-batch-size runs (fresh, and from the initial
+  checkpoint);
 * 2 ranks: PP=2, PP=2 x VPP=2, a PP=2 run preempted by SIGTERM at iteration 2, its resume at
-  PP=2 and at TP=2;
+  PP=2 and at TP=2; a PP=2 ramp straight, stopped mid-ramp and resumed;
 * 4 ranks: DP=2 x PP=2, TP=2 x PP=2, bf16 + distributed optimizer at DP=2 x PP=2 straight, saved
   at iteration 2 and resumed.
 """
@@ -22,7 +23,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "training"))
 
-from emulated_run import BF16_DISTOPT, PP2, TP2, VPP2, launch_plan, train_flags  # noqa: E402
+from emulated_run import (  # noqa: E402
+    BF16_DISTOPT,
+    PP2,
+    TP2,
+    VPP2,
+    launch_plan,
+    ramp_flags,
+    train_flags,
+)
 from megatron_scripts import llama3_8b_h100_fp8  # noqa: E402
 from train_fixtures import make_corpus, make_jsonl  # noqa: E402
 
@@ -93,6 +102,8 @@ def one_rank(emu_data, emu_hf_data, emu_dir) -> dict[str, dict]:
             ),
         },
         {"name": "megatron_fp8_script", "flags": megatron_script_flags(emu_hf_data, emu_dir)},
+        {"name": "ramp_fresh", "flags": ramp_flags(emu_data)},
+        {"name": "ramp_ref", "flags": ramp_flags(emu_data, *ref)},
     ]  # fmt: skip
     results = launch_plan(1, runs, emu_dir / "one_rank")
     results["init"]["path"] = init
@@ -103,6 +114,7 @@ def one_rank(emu_data, emu_hf_data, emu_dir) -> dict[str, dict]:
 def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
     ref = ["--load", one_rank["init"]["path"], "--finetune"]
     first, again = str(emu_dir / "pp2_first"), str(emu_dir / "pp2_again")
+    ramp_first, ramp_again = str(emu_dir / "pp2_ramp_first"), str(emu_dir / "pp2_ramp_again")
     runs = [
         {"name": "pp2", "flags": train_flags(emu_data, *ref, *PP2)},
         {"name": "pp2_vpp2", "flags": train_flags(emu_data, *ref, *PP2, *VPP2)},
@@ -112,9 +124,16 @@ def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
         {"name": "pp2_resumed",
          "flags": train_flags(emu_data, "--load", first, "--save", again, *PP2)},
         {"name": "tp2_resumed", "flags": train_flags(emu_data, "--load", first, *TP2)},
+        {"name": "pp2_ramp", "flags": ramp_flags(emu_data, *ref, *PP2)},
+        # Stopped after iteration 2 (4 + 4 samples), resumed where the batch grows to 8.
+        {"name": "pp2_ramp_first", "flags": ramp_flags(
+            emu_data, *ref, *PP2, "--save", ramp_first, "--exit-interval", "2")},
+        {"name": "pp2_ramp_resumed", "flags": ramp_flags(
+            emu_data, "--load", ramp_first, "--save", ramp_again, *PP2)},
     ]  # fmt: skip
     results = launch_plan(2, runs, emu_dir / "two_ranks")
     results["pp2_first"]["save"] = first
+    results["pp2_ramp_first"]["save"] = ramp_first
     return results
 
 

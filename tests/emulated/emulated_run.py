@@ -68,11 +68,35 @@ def train_flags(emu_data, *extra, iters: int = ITERS, warmup: int = 0) -> list[s
     return run_flags(data, cache, "--train-iters", str(iters), *extra, warmup=warmup)
 
 
-def launch_plan(nproc: int, runs: list[dict], workdir: Path) -> dict[str, dict]:
+RAMP = ["--train-samples", "24", "--rampup-batch-size", "4", "4", "8", "--eval-iters", "1"]
+"""Megatron-LM's ramp 4 -> 8 (--global-batch-size) by 4 over 8 samples: one increment every 8
+samples, so batches 4 (0 consumed), 4 (4), 8 (8 <= 8: int(8 / 8) = 1 increment), then whole
+batches of 8 of the 24 - 16 samples left: 4 iterations (ITERS), 24 samples. Validation (one
+batch of the full 8) at the end."""
+RAMP_BATCHES = [4, 4, 8, 8]
+
+
+def ramp_flags(emu_data, *extra) -> list[str]:
+    """run_flags() with RAMP: sample-based, so without the iteration-based schedule flags (the
+    rate decays over the 24 samples, no warmup)."""
+    data, cache = emu_data
+    base = run_flags(data, cache, *RAMP, *extra)
+    i = base.index("--lr-warmup-iters")
+    del base[i : i + 2]
+    i = base.index("--lr-decay-iters")
+    del base[i : i + 2]
+    return base
+
+
+def launch_plan(
+    nproc: int, runs: list[dict], workdir: Path, worker: str = WORKER
+) -> dict[str, dict]:
     """Run a list of emulated runs in ONE torchrun launch of ``nproc`` ranks, in order.
 
     ``runs``: ``{"name", "flags", "sigterm" (optional "R:K")}``. Returns name -> the reporting
-    rank's TrainResult as a dict, plus ``ranks`` (every rank's result).
+    rank's TrainResult as a dict, plus ``ranks`` (every rank's result). ``worker``: another
+    script taking the same plan (``megatron_state_worker.py``, whose actions other than
+    training report nothing: they are left out here).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     plan = {"runs": [{**r, "out": str(workdir / r["name"])} for r in runs]}
@@ -80,12 +104,13 @@ def launch_plan(nproc: int, runs: list[dict], workdir: Path) -> dict[str, dict]:
     plan_path.write_text(json.dumps(plan))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), WORKER, str(plan_path),
+        "--master-port", str(free_port()), worker, str(plan_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     (workdir / "stdout.txt").write_text(proc.stdout)
     assert proc.returncode == 0, _failure(proc)
-    return {r["name"]: _read(nproc, workdir / r["name"]) for r in runs}
+    trained = [r for r in runs if r.get("action", "train") == "train"]
+    return {r["name"]: _read(nproc, workdir / r["name"]) for r in trained}
 
 
 def _failure(proc: subprocess.CompletedProcess) -> str:

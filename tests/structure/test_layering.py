@@ -144,6 +144,8 @@ LAZY_IMPORTS = {
     ("eval/loading.py", "transformers"): "optional transformers",
     # The config layer stays torch-free, so a bad flag fails before torch loads.
     ("config/fp8.py", "torch"): "config layer imports torch only to check an FP8 request",
+    ("config/batch_ramp.py", "megatron.core.num_microbatches_calculator"): "config layer "
+    "imports megatron-core's batch-size calculator only for a --rampup-batch-size run",
     # numpy 2 moved numpy.core to numpy._core: a try/except ImportError version fallback.
     ("checkpoint/shards.py", "numpy._core.multiarray"): "numpy >= 2 / 1.x fallback",
     ("checkpoint/shards.py", "numpy.core.multiarray"): "numpy >= 2 / 1.x fallback",

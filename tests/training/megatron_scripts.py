@@ -30,7 +30,8 @@ def llama3_8b_h100_fp8(
     dtype: str = "fp8",
     shrink: dict[str, str] | None = None,
 ) -> list[str]:
-    """examples/llama/train_llama3_8b_h100_fp8.sh, real-data branch (TOKENIZER_ARG, DATA_ARG set).
+    """examples/llama/train_llama3_8b_h100_fp8.sh, real-data branch (TOKENIZER_ARG, DATA_ARG set),
+    or its mock-data branch with ``data="MOCK"`` (the script's default).
 
     ``dtype`` is the script's DTYPE variable ("fp8" adds its FP8 flags).
     """
@@ -111,6 +112,19 @@ def llama3_8b_h100_fp8(
         ["--num-workers", "1"],
         ["--vocab-size", "128256"],
     ]
+    if data == "MOCK":  # the script's default branch (TOKENIZER_ARG or DATA_ARG "MOCK")
+        # "--split '99,1,0'" is one array entry, word-split unquoted: the quotes reach the parser.
+        data_args = [
+            ["--mock-data"],
+            ["--tokenizer-type", "NullTokenizer"],
+            ["--vocab-size", "128256"],
+            ["--data-cache-path", cache],
+            ["--tiktoken-pattern", "v2"],
+            ["--split", "'99,1,0'"],
+            ["--no-create-attention-mask-in-dataloader"],
+            ["--no-mmap-bin-files"],
+            ["--num-workers", "1"],
+        ]
     logging = [
         ["--log-interval", "1"],
         ["--eval-iters", "32"],

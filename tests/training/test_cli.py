@@ -121,7 +121,9 @@ def test_train_samples_gives_iterations():
             "8",
         ]
     )
-    assert run.train_iters == 13  # ceil(100 / 8)
+    # Megatron-LM's update_train_iters: train_samples // global_batch_size; the training split
+    # is built for --train-samples (its get_train_valid_test_num_samples).
+    assert run.train_iters == 12 and run.train_dataset_samples == 100
 
 
 @pytest.mark.parametrize(

@@ -62,3 +62,42 @@ def test_loss_curve_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert sorted(os.listdir(path.parent)) == ["loss_curve.png"]  # no temporary file left
+
+
+def _clock(monkeypatch, step_s: float):
+    """Make ``time.perf_counter`` in the logging module advance ``step_s`` per call."""
+    now = [0.0]
+
+    def tick():
+        now[0] += step_s
+        return now[0]
+
+    monkeypatch.setattr("megatron_endprompt.training.logging.time.perf_counter", tick)
+
+
+def test_validation_progress_a_line_per_tenth_with_eta(monkeypatch, capsys):
+    _clock(monkeypatch, 30.0)  # every iteration takes 30 s: each tenth is due
+    progress = MetricsLogger(None, total_iters=1).eval_progress(100)
+    for done in range(1, 101):
+        progress(done)
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(10, 101, 10))
+    # 10 iterations at 30 s each by the first line: elapsed 5m00s, 90 left at that pace: 45m00s.
+    assert lines[0] == "validation: 10/100 iterations, elapsed 5m00s eta 45m00s"
+    assert lines[-1].endswith("eta 0m00s")
+
+
+def test_validation_progress_short_pass_prints_nothing(monkeypatch, capsys):
+    _clock(monkeypatch, 0.01)
+    progress = MetricsLogger(None, total_iters=1).eval_progress(100)
+    for done in range(1, 101):
+        progress(done)
+    assert capsys.readouterr().out == ""
+
+
+def test_validation_progress_disabled_rank_is_silent(monkeypatch, capsys):
+    _clock(monkeypatch, 30.0)
+    progress = MetricsLogger(None, total_iters=1, enabled=False).eval_progress(3)
+    for done in range(1, 4):
+        progress(done)
+    assert capsys.readouterr().out == ""

@@ -15,6 +15,7 @@ from megatron_scripts import gpt3_175b, llama3_8b_h100_fp8  # noqa: E402
 
 from megatron_endprompt.cli import parse_run_config  # noqa: E402
 from megatron_endprompt.config.megatron_flags import INERT, REFUSED  # noqa: E402
+from megatron_endprompt.plan import describe  # noqa: E402
 from megatron_endprompt.plan import main as plan_main  # noqa: E402
 
 ENDPROMPT = ["--position-mode", "endprompt", "--target-length", "65536",
@@ -172,9 +173,11 @@ def test_sample_and_iteration_schedules_do_not_mix():
     assert run.training.schedule_steps(run.train_iters, 4) == (8, 32)  # 0.25 x 8 x 4 samples
 
 
-def test_gpt3_script_is_refused_only_for_batch_rampup():
+def test_gpt3_script_is_refused_as_megatron_lm_refuses_it():
+    """The example gives --rampup-batch-size with --train-iters, which Megatron-LM's own
+    validate_args refuses ('expected no batch-size rampup for iteration-based training')."""
     argv = gpt3_175b("/ck", "/tb", "/v.json", "/m.txt", "/data/gpt_text_document")
-    with pytest.raises(ValueError, match="--rampup-batch-size: not supported"):
+    with pytest.raises(ValueError, match="expected no batch-size rampup for iteration-based"):
         cuda_run(argv, world_size=128 * 8)
     i = argv.index("--rampup-batch-size")
     rest = argv[:i] + argv[i + 4 :]
@@ -183,3 +186,46 @@ def test_gpt3_script_is_refused_only_for_batch_rampup():
     assert run.training.schedule_steps(run.train_iters, 1536) == (int(0.001 * 430000 * 1536),
                                                                   430000 * 1536)  # fmt: skip
     assert run.model.ffn_hidden_size == 4 * 12288 and run.model.num_query_groups == 96
+
+
+def test_gpt3_script_ramps_in_samples_as_megatron_lm_counts_it():
+    """The GPT-3 example made sample-based (GPT-3's 300B tokens: 146,484,375 samples of 2048;
+    decay over 126,953,125): its ramp 16 -> 1536 by 16 over 5,859,375 samples at DP=8.
+
+    Expected values by exact integer arithmetic, independently of megatron-core's float
+    calculator: 95 increments, so the batch after c samples is 16 + 16 * (95c // 5859375)
+    while c <= 5859375, then 1536 for whole batches of the samples left.
+    """
+    argv = gpt3_175b("/ck", "/tb", "/v.json", "/m.txt", "/data/gpt_text_document")
+    i = argv.index("--train-iters")
+    argv[i : i + 2] = ["--train-samples", "146484375"]
+    i = argv.index("--lr-decay-iters")
+    argv[i : i + 2] = ["--lr-decay-samples", "126953125"]
+    run = cuda_run([*argv, "--tokenizer-type", "GPT2BPETokenizer"], world_size=128 * 8)
+    consumed, ramp = 0, []
+    while consumed <= 5859375:
+        ramp.append(16 + 16 * (95 * consumed // 5859375))
+        consumed += ramp[-1]
+    constant = (146484375 - consumed) // 1536
+    plan = run.ramp_plan()
+    assert list(plan.ramp_batches) == ramp and plan.constant_iterations == constant
+    assert run.train_iters == len(ramp) + constant and run.data_parallel_size == 8
+    assert run.training.schedule_steps(run.train_iters, 1536) == (int(0.001 * 126953125),
+                                                                  126953125)  # fmt: skip
+    text = describe(run, 50257)
+    assert f"over 5,859,375 samples: {len(ramp):,} iterations read {sum(ramp):,}" in text
+    assert f"then {constant:,} at 1536" in text
+
+
+def test_llama3_fp8_script_default_mock_branch_runs_without_data():
+    """The script's default (TOKENIZER_ARG/DATA_ARG "MOCK"): --mock-data, NullTokenizer with
+    --vocab-size 128256, no --data-path; its --split is megatron-core's 1,1,1 for mock data."""
+    mock = llama3_8b_h100_fp8("/ck", "/tb", "/tok", "MOCK", "/cache",
+                              shrink={"--max-position-embeddings": "65536"})  # fmt: skip
+    assert "--data-path" not in mock
+    run = cuda_run(mock + ENDPROMPT, world_size=64)
+    d = run.data
+    assert d.mock_data and not d.data_path and d.split == "1,1,1"
+    assert (d.tokenizer_type, d.vocab_size) == ("NullTokenizer", 128256)
+    assert d.data_cache_path == "/cache"
+    assert "--split='99,1,0': no effect with --mock-data" in "\n".join(run.notices)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from fs_faults import small_tmpfs, tree
+from fs_faults import read_only_view, small_tmpfs, tree
 from train_fixtures import make_corpus, train_flags
 
 from megatron_endprompt import checkpoint as ckpt
@@ -239,3 +239,23 @@ def test_loss_curve_write_failure_is_a_warning(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert f"warning: loss curve not written: cannot write {plot}: No space left" in out
     assert os.listdir(tmp_path) == []  # no temporary PNG left behind
+
+
+def _without_cache_flag(flags: list[str]) -> list[str]:
+    i = flags.index("--data-cache-path")
+    return flags[:i] + flags[i + 2 :]
+
+
+def test_read_only_data_folder_needs_a_data_cache_path(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_corpus(str(data))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with read_only_view(data, tmp_path / "ro") as ro:
+        prefix = os.path.join(ro, "corpus_text_document")
+        flags = train_flags(prefix, str(tmp_path / "cache"), "--train-iters", "1")
+        assert main(_without_cache_flag(flags)) == 2
+        first = capsys.readouterr().err.strip().splitlines()[0]
+        assert first.startswith(f"error: --data-path={prefix}/cache: cannot be created, {ro} is")
+        assert "give a writable --data-cache-path" in first
+        assert main(flags) == 0  # the same read-only corpus with a cache elsewhere trains

@@ -20,8 +20,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
-"""How Rust writers (safetensors) report an OSError: ``I/O error: ... (os error 28)``."""
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+"""An OSError reported in another exception's text: Rust writers (safetensors: ``I/O error: ...
+(os error 28)``), torch's distributed checkpoint (``CheckpointException`` lists each rank's
+failure as text: ``[Errno 28] No space left on device``)."""
 
 
 class WriteError(ValueError):
@@ -47,7 +49,7 @@ def write_errno(err: BaseException) -> int | None:
             return err.errno
         found = _OS_ERROR_IN_TEXT.search(str(err))
         if found:
-            return int(found.group(1))
+            return int(found.group(1) or found.group(2))
         err = err.__cause__ or err.__context__
     return None
 
@@ -60,9 +62,9 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     """
     try:
         yield
-    except WriteError:
+    except (WriteError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as err:  # noqa: BLE001 - re-raised unless it carries an errno
+    except BaseException as err:  # torch's CheckpointException is a BaseException
         code = write_errno(err)
         if code is None:
             raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +27,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_endprompt import checkpoint as ckpt
+from megatron_endprompt.atomic_io import writing
 from megatron_endprompt.checkpoint import megatron_lm
+from megatron_endprompt.checkpoint.layout import agree_on_write, recover_interrupted
 from megatron_endprompt.device import synchronize
 
 
@@ -126,23 +127,33 @@ def sharded_state(
 
 def save(run, rt, objs, state) -> str:
     """Save iteration ``state.iteration`` with dist_checkpointing; publish atomically."""
-    final = ckpt.iteration_dir(run.checkpoint.save, state.iteration)
+    save_dir = run.checkpoint.save
+    final = ckpt.iteration_dir(save_dir, state.iteration)
     tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        os.makedirs(run.checkpoint.save, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
+    rank0 = dist.get_rank() == 0
+
+    def fresh() -> None:
+        with writing(tmp):
+            os.makedirs(save_dir, exist_ok=True)
+            recover_interrupted(save_dir)
+            os.makedirs(tmp)
+
+    agree_on_write(fresh if rank0 else None, tmp, cleanup=tmp)
     metadata = sharding_metadata(run)
-    dist_checkpointing.save(
-        sharded_state(run, rt, objs, state, metadata=metadata), tmp, content_metadata=metadata
-    )
-    dist.barrier()
-    if dist.get_rank() == 0:
-        ckpt.publish_iteration(
-            run.checkpoint.save, state.iteration, tmp, keep_last=run.checkpoint.keep_last
-        )
-    dist.barrier()
+    sharded = sharded_state(run, rt, objs, state, metadata=metadata)
+
+    def write() -> None:
+        # megatron-core's writer reports a refused write of any rank's files on every rank
+        # (its exception's text carries the errno): WriteError naming the checkpoint.
+        with writing(tmp):
+            dist_checkpointing.save(sharded, tmp, content_metadata=metadata)
+
+    agree_on_write(write, tmp, cleanup=tmp)
+
+    def publish() -> None:
+        ckpt.publish_iteration(save_dir, state.iteration, tmp, keep_last=run.checkpoint.keep_last)
+
+    agree_on_write(publish if rank0 else None, final, cleanup=None)
     return final
 
 

@@ -142,22 +142,32 @@ def save_torch(obj: Any, path: str) -> None:
 def agree_on_write(step: Callable[[], object] | None, path: str, cleanup: str | None) -> None:
     """Run this rank's part of a save (``step``, None for nothing), then agree over all ranks.
 
-    Every rank must call it. When any rank's write was refused, rank 0 removes ``cleanup`` (the
-    partial ``iter_N.tmp``) and every rank raises :class:`WriteError`: its own, or one naming
-    ``path`` with the failed rank's errno (instead of waiting at a barrier forever).
+    Every rank must call it. When any rank's step failed, rank 0 removes ``cleanup`` (the
+    partial ``iter_N.tmp``) and every rank raises (instead of waiting at a barrier forever):
+    its own :class:`WriteError`; else, when some rank's write was refused, a WriteError naming
+    ``path`` with that errno (megatron-core's writer reports the cause on one rank only); else
+    its own exception, or a RuntimeError saying another rank failed.
     """
-    error: WriteError | None = None
+    error: BaseException | None = None
     try:
         if step is not None:
             step()
-    except WriteError as err:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - shared with the other ranks, then re-raised
         error = err
-    code = largest_over_ranks(error.errno if error else 0)
-    if not code:
+    if not largest_over_ranks(int(error is not None)):
         return
+    code = largest_over_ranks(error.errno if isinstance(error, WriteError) else 0)
     if cleanup and _rank() == 0:  # every rank has reached the reduction: none is writing
         shutil.rmtree(cleanup, ignore_errors=True)
-    raise error or WriteError(path, code)
+    if isinstance(error, WriteError):
+        raise error
+    if code:
+        raise WriteError(path, code) from error
+    if error is not None:
+        raise error
+    raise RuntimeError(f"writing {path} failed on another rank (see its error)")
 
 
 def _rank() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tool_main import tool_main
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from megatron_endprompt.checkpoint.layout import write_checksum
@@ -95,11 +95,7 @@ def _shard(directory, tp_rank=0, pp_rank=0) -> dict:
 
 
 def _tool_main():
-    path = os.path.join(REPO, "tools", "convert_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("tool_convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("convert_checkpoint.py")
 
 
 def test_round_trip_tp2_pp2_is_bitwise_exact(hf_dirs, tmp_path):

@@ -4,27 +4,22 @@ temporary directory left, and an earlier output replaced with ``--force`` byte-i
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 
 import pytest
 import torch
 from fs_faults import small_tmpfs, tree
+from tool_main import tool_main
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_endprompt.checkpoint import layout
 from megatron_endprompt.convert import safetensors_io
 
 pytestmark = pytest.mark.usefixtures("single_process_parallel_state")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tool_main():
-    path = os.path.join(REPO, "tools", "convert_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("tool_convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("convert_checkpoint.py")
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,7 @@ def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
     ref = ["--load", one_rank["init"]["path"], "--finetune"]
     first, again = str(emu_dir / "pp2_first"), str(emu_dir / "pp2_again")
     ramp_first, ramp_again = str(emu_dir / "pp2_ramp_first"), str(emu_dir / "pp2_ramp_again")
+    disk_full = str(emu_dir / "pp2_disk_full")
     runs = [
         {"name": "pp2", "flags": train_flags(emu_data, *ref, *PP2)},
         {"name": "pp2_vpp2", "flags": train_flags(emu_data, *ref, *PP2, *VPP2)},
@@ -130,8 +131,13 @@ def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
             emu_data, *ref, *PP2, "--save", ramp_first, "--exit-interval", "2")},
         {"name": "pp2_ramp_resumed", "flags": ramp_flags(
             emu_data, "--load", ramp_first, "--save", ramp_again, *PP2)},
+        # A full disk seen by rank 1 alone when saving iteration 4 (iteration 2 saved fine).
+        {"name": "pp2_disk_full", "flags": train_flags(
+            emu_data, *ref, *PP2, "--save", disk_full, "--save-interval", "2"),
+         "enospc": "1:4"},
     ]  # fmt: skip
     results = launch_plan(2, runs, emu_dir / "two_ranks")
+    results["pp2_disk_full"]["save"] = disk_full
     results["pp2_first"]["save"] = first
     results["pp2_ramp_first"]["save"] = ramp_first
     return results

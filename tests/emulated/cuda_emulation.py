@@ -23,6 +23,8 @@ Test-only: library code never imports this module.
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -82,3 +84,12 @@ def cuda_emulation() -> Iterator[None]:
             setattr(torch.cuda, name, fn)
         device.accelerator = saved_accelerator
         mpu_random.model_parallel_cuda_manual_seed = saved_tracker_seed
+
+
+def read_plan(path: str) -> dict:
+    """A worker's plan (``{"runs": [...]}``), megatron-core's import-time notices about optional
+    accelerators silenced (they would repeat once per rank and module)."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    with open(path) as f:
+        return json.load(f)

@@ -16,6 +16,10 @@ exception aborts the launch (its traceback names the run).
 
 ``"sigterm": "R:K"`` makes rank R send itself a real SIGTERM just before the loop's K-th
 exit-signal poll (preemption: one rank signalled, every rank must save and exit cleanly).
+
+``"enospc": "R:K"`` makes rank R's writes into ``iter_K.tmp`` (the checkpoint of iteration K)
+fail with ENOSPC, a full disk seen by one rank; such a run is expected to end with a
+``ValueError`` (the CLI's one-line error) on every rank, recorded as ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ import json
 import os
 import signal
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cuda_emulation import cuda_emulation  # noqa: E402
+from cuda_emulation import cuda_emulation, read_plan  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -58,6 +61,31 @@ def _sigterm_at(spec: str | None):
         ExitSignalHandler.should_exit = real
 
 
+@contextlib.contextmanager
+def _enospc_at(spec: str | None):
+    """Rank R's writes of files under ``iter_K.tmp`` fail with ENOSPC (``"R:K"``); megatron-core's
+    writer forks its workers, which inherit the patched ``open``."""
+    import builtins
+    import errno
+
+    if not spec or int(os.environ.get("RANK", "0")) != int(spec.split(":")[0]):
+        yield
+        return
+    target = f"iter_{int(spec.split(':')[1]):07d}.tmp"
+    real = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        if target in str(file) and any(c in mode for c in "wax"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real(file, mode, *args, **kwargs)
+
+    builtins.open = full_open
+    try:
+        yield
+    finally:
+        builtins.open = real
+
+
 def _run_one(spec: dict, world: int, rank: int) -> None:
     from megatron.core import parallel_state as ps
 
@@ -68,23 +96,25 @@ def _run_one(spec: dict, world: int, rank: int) -> None:
     if "--device" in flags:
         raise SystemExit(f"run {spec['name']}: drop --device (emulated_train.py sets cuda)")
     run = parse_run_config(["--device", "cuda", *flags], world_size=world, cuda_available=True)
-    with _sigterm_at(spec.get("sigterm")):
+    report: dict
+    with _sigterm_at(spec.get("sigterm")), _enospc_at(spec.get("enospc")):
         try:
-            result = train(run)
+            report = dataclasses.asdict(train(run))
+        except ValueError as err:
+            if not spec.get("enospc"):
+                raise RuntimeError(f"emulated run {spec['name']!r} failed on rank {rank}") from err
+            report = {"error": str(err), "reporting": rank == 0}
         except BaseException as err:
             raise RuntimeError(f"emulated run {spec['name']!r} failed on rank {rank}") from err
     os.makedirs(spec["out"], exist_ok=True)
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
-        json.dump(dataclasses.asdict(result), f)
+        json.dump(report, f)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
 
 
 def main(argv: list[str]) -> int:
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    with open(argv[0]) as f:
-        plan = json.load(f)
+    plan = read_plan(argv[0])
     from megatron_endprompt.training.runtime import teardown_runtime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -22,17 +22,15 @@ Test-only: megatron-core's private optimizer accessors are fine here, never in t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
-import warnings
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cuda_emulation import cuda_emulation  # noqa: E402
+from cuda_emulation import cuda_emulation, read_plan  # noqa: E402
 from emulated_train import _run_one  # noqa: E402
 
 CHECKPOINT_VERSION = 3.0  # megatron/training/checkpointing.py: generate_state_dict
@@ -215,10 +213,7 @@ def _megatron_lm_save(spec: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    with open(argv[0]) as f:
-        plan = json.load(f)
+    plan = read_plan(argv[0])
     from megatron.core import parallel_state as ps
 
     from megatron_endprompt.training.runtime import teardown_runtime

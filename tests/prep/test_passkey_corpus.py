@@ -3,7 +3,6 @@ indexed dataset, and how megatron-core's GPTDataset cuts samples from it."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
+from tool_main import tool_main
 
 from megatron_endprompt.data.builder import build_datasets
 from megatron_endprompt.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
@@ -29,7 +29,6 @@ from megatron_endprompt.prep.passkey_corpus import (
     write_passkey_corpus,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BYTES = ByteTokenizer()
 # The evaluation's prompt pieces, spelled out here (not imported) so a change on either side fails.
 FILLERS = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -279,11 +278,7 @@ def test_tail_endprompt_over_a_blend_puts_question_and_key_in_the_terminal(tmp_p
 
 
 def _main():
-    path = os.path.join(REPO, "tools", "make_passkey_corpus.py")
-    spec = importlib.util.spec_from_file_location("tool_make_passkey_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("make_passkey_corpus.py")
 
 
 def test_cli_success_and_errors(tmp_path, capsys):

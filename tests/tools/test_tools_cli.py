@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from tool_main import tool_main
 
 from megatron_endprompt.data.tokenizers import build_tokenizer
 
@@ -27,10 +27,7 @@ def _tool(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def _main(name: str):
     """A tool's ``main`` loaded in-process (the tools/ folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main(name)
 
 
 def test_preprocess_success_and_user_errors(make_jsonl, tmp_path, capsys):

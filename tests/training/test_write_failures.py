@@ -120,32 +120,48 @@ def test_failed_resave_of_the_same_iteration_restores_the_old_copy(tmp_path, mon
     assert torch.equal(_loaded_w(save), torch.full((4,), 2.0))
 
 
-def _two_rank_save(rank: int, init: str, save: str, failing_rank: int, out: str) -> None:
+def _bug(*args, **kwargs):
+    raise RuntimeError("a bug in the writer")
+
+
+def _two_rank_save(rank: int, init: str, save: str, failing_rank: int, out: str, bug: bool):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     if rank == failing_rank:
-        layout.torch.save = _enospc  # this process only
+        layout.torch.save = _bug if bug else _enospc  # this process only
     try:
         ckpt.save_checkpoint(save, 4, _state(4.0), ckpt.ShardRank(tp_rank=rank))
         result = "saved"
-    except WriteError as err:
-        result = str(err)
+    except (WriteError, RuntimeError) as err:
+        result = f"{type(err).__name__}: {err}"
     with open(f"{out}.{rank}", "w") as f:
         f.write(result)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("failing_rank", [0, 1])
-def test_refused_write_on_one_rank_fails_every_rank_without_hanging(tmp_path, failing_rank):
+def _two_ranks(tmp_path, failing_rank: int, bug: bool) -> tuple[str, list[str]]:
     save = str(tmp_path / "ckpt")
     init = f"file://{tmp_path}/rdzv-{uuid.uuid4().hex}"
     out = str(tmp_path / "result")
-    mp.start_processes(_two_rank_save, args=(init, save, failing_rank, out), nprocs=2,
+    mp.start_processes(_two_rank_save, args=(init, save, failing_rank, out, bug), nprocs=2,
                        start_method="spawn", join=True)  # fmt: skip
-    results = [open(f"{out}.{r}").read() for r in range(2)]
+    return save, [open(f"{out}.{r}").read() for r in range(2)]
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_refused_write_on_one_rank_fails_every_rank_without_hanging(tmp_path, failing_rank):
+    save, results = _two_ranks(tmp_path, failing_rank, bug=False)
     for result in results:
-        assert result.startswith("cannot write ") and "(errno 28 ENOSPC)" in result, result
+        assert result.startswith("WriteError: cannot write ") and "(errno 28 ENOSPC)" in result
     assert ckpt.SHARD_FILE in results[failing_rank]  # the failed rank names its own file
     assert os.listdir(save) == []  # the partial iter_0000004.tmp is gone, nothing published
+
+
+def test_any_failure_on_one_rank_reaches_every_rank(tmp_path):
+    save, results = _two_ranks(tmp_path, 1, bug=True)
+    assert results[1] == "RuntimeError: a bug in the writer"  # its own error, unchanged
+    tmp = ckpt.iteration_dir(save, 4) + ".tmp"
+    assert results[0] == f"RuntimeError: writing {tmp} failed on another rank (see its error)"
+    assert os.listdir(save) == []
 
 
 # --- training end to end ---------------------------------------------------------------------

@@ -65,7 +65,11 @@ ENDPROMPT_FLAGS = {
     "terminal_loss_weight": Flag("--endprompt-terminal-loss-weight"),
     "terminal_source": Flag("--endprompt-terminal-source"),
 }
-CHECKPOINT_FLAGS = {"exit_signal_handler": Flag("--no-exit-signal-handler", invert=True)}
+CHECKPOINT_FLAGS = {
+    "exit_signal_handler": Flag("--no-exit-signal-handler", invert=True),
+    "use_checkpoint_opt_param_scheduler": Flag("--use-checkpoint-opt_param-scheduler"),
+    "override_opt_param_scheduler": Flag("--override-opt_param-scheduler"),
+}
 TRAINING_FLAGS = {"rampup_batch_size": Flag("--rampup-batch-size", nargs=3)}
 
 

@@ -113,6 +113,8 @@ ROWS = [
     # --rampup-batch-size: Megatron-LM's rules (arguments.py, megatron-core's calculator).
     (["--rampup-batch-size", "4", "4", "100"], 2,
      "expected no batch-size rampup for iteration-based training"),
+    (["--use-checkpoint-opt_param-scheduler", "--override-opt_param-scheduler"], 2,
+     "--override-opt_param-scheduler=True: cannot be combined with --use-checkpoint-opt_param"),
     ([*SAMPLES, "--global-batch-size", "128"], 2,
      "--train-samples=64: is less than one --global-batch-size (128)"),
     ([*SAMPLES, "--rampup-batch-size", "4", "4"], 2, "--rampup-batch-size: expected 3 arguments"),

@@ -290,7 +290,8 @@ def load(run, rt, objs, state) -> bool:
         with torch.no_grad(), _torch_adam_fully_reshardable(objs.optimizer, metadata or {}):
             objs.optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_steps(objs.optimizer)
-        objs.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        where = f"--load={c.load}"
+        megatron_lm.load_scheduler_state(objs.scheduler, loaded["opt_param_scheduler"], where)
     else:
         # Weights only: the optimizer's fp32 main params (bf16/fp16) still hold the initial
         # weights; copy the loaded ones in, or the first step would overwrite them.

@@ -293,6 +293,23 @@ def saved_layout(common: Mapping[str, Any]) -> tuple[int, int, int | None] | Non
             int(get("pipeline_model_parallel_size") or 1), int(vpp) if vpp else None)  # fmt: skip
 
 
+def load_scheduler_state(scheduler: Any, state: Mapping[str, Any], where: str) -> None:
+    """Resume megatron-core's LR/WD scheduler from a checkpoint's ``state``.
+
+    As in Megatron-LM, the run's schedule (its flags) must equal the checkpoint's unless
+    --use-checkpoint-opt_param-scheduler (take the checkpoint's) or --override-opt_param-scheduler
+    (take the flags') was given; megatron-core asserts it, which becomes a ValueError here.
+    """
+    try:
+        scheduler.load_state_dict(dict(state))
+    except AssertionError as err:
+        raise ValueError(
+            f"{where}: the run's LR/WD schedule differs from the checkpoint's ({err}); pass "
+            "--use-checkpoint-opt_param-scheduler to continue the checkpoint's schedule or "
+            "--override-opt_param-scheduler to use the flags' (Megatron-LM's flags)"
+        ) from err
+
+
 def scheduler_state(shard: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """``opt_param_scheduler`` (Megatron-LM; ``lr_scheduler`` in its oldest), our ``scheduler``."""
     for key in ("opt_param_scheduler", "lr_scheduler", "scheduler"):

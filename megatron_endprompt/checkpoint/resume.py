@@ -27,7 +27,12 @@ import torch
 from megatron_endprompt.checkpoint.dist_optim import read_optimizer_state
 from megatron_endprompt.checkpoint.dist_reader import is_dist_checkpoint
 from megatron_endprompt.checkpoint.layout import ShardRank, read_tracker, stored_iteration_dir
-from megatron_endprompt.checkpoint.megatron_lm import progress, restore_rng, scheduler_state
+from megatron_endprompt.checkpoint.megatron_lm import (
+    load_scheduler_state,
+    progress,
+    restore_rng,
+    scheduler_state,
+)
 from megatron_endprompt.checkpoint.optim_state import (
     check_masters,
     check_no_distributed_optimizer,
@@ -83,7 +88,7 @@ def resume_local(
         load_optimizer_state(optimizer, shard["optimizer"], where)
         sched = scheduler_state(shard)
         if sched is not None:
-            scheduler.load_state_dict(dict(sched))
+            load_scheduler_state(scheduler, sched, where)
     if not c.no_load_rng:
         restore_rng(shard)
     return progress(shard)
@@ -127,7 +132,7 @@ def _resume_dist(
         load_param_states(optimizer, module, state, where)
         sched = scheduler_state(common)
         if sched is not None:
-            scheduler.load_state_dict(dict(sched))
+            load_scheduler_state(scheduler, sched, where)
     if not c.no_load_rng:
         _restore_dist_rng(stored, tp, log)
     return progress(common)

@@ -158,14 +158,6 @@ REFUSED: tuple[CompatFlag, ...] = (
     ),
     CompatFlag("--tp-comm-overlap", "Transformer Engine's userbuffer TP overlap is not wired"),
     CompatFlag("--skip-train", "evaluation of a checkpoint is tools/evaluate.py"),
-    CompatFlag(
-        "--use-checkpoint-opt_param-scheduler",
-        "the resumed schedule always comes from "
-        "the checkpoint here (the flags' values are checked against it by megatron-core)",
-    ),
-    CompatFlag(
-        "--override-opt_param-scheduler", "the resumed schedule always comes from the checkpoint"
-    ),
     CompatFlag("--num-experts", "mixture-of-experts models are not supported", nargs=1),
     CompatFlag(
         "--lr-wsd-decay-iters",

@@ -269,6 +269,12 @@ class CheckpointConfig:
     use_checkpoint_args: bool = False
     """Take the model shape from the --load checkpoint's recorded arguments (Megatron-LM's
     args, or this package's model config) instead of the shape flags."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, continue the checkpoint's LR/WD schedule, whatever the schedule flags say
+    (Megatron-LM's flag). Default: the flags' schedule, which must equal the checkpoint's."""
+    override_opt_param_scheduler: bool = False
+    """On resume, use the schedule flags' values instead of the checkpoint's (Megatron-LM's
+    flag); the schedule's position (samples done) still comes from the checkpoint."""
     dist_ckpt_optim_fully_reshardable: bool = False
     """CUDA, --use-distributed-optimizer: store the optimizer state so it loads at any TP/PP
     (gathered on DP rank 0; Megatron-LM's flag). Default: reshardable along DP only."""
@@ -277,6 +283,12 @@ class CheckpointConfig:
         if self.save_interval is None:
             self.save_interval = 0
         _require(self.save_interval >= 0, "--save-interval", self.save_interval, "must be >= 0")
+        _require(
+            not (self.use_checkpoint_opt_param_scheduler and self.override_opt_param_scheduler),
+            "--override-opt_param-scheduler",
+            True,
+            "cannot be combined with --use-checkpoint-opt_param-scheduler (as in Megatron-LM)",
+        )
         _require(
             self.ckpt_format in CKPT_FORMATS,
             "--ckpt-format",

@@ -217,8 +217,9 @@ class TrainingConfig:
                             ("--decoupled-min-lr", self.decoupled_min_lr)):  # fmt: skip
             _require(value is None or value >= 0, flag, value, "must be >= 0")
 
-    def schedule_steps(self, train_iters: int, global_batch_size: int) -> tuple[int, int]:
-        """(warmup, decay) of megatron-core's scheduler in samples, as Megatron-LM computes them."""
+    def schedule_steps(self, train_iters: int, global_batch_size: int) -> tuple[float, int]:
+        """(warmup, decay) of megatron-core's scheduler in samples, as Megatron-LM computes them
+        (get_optimizer_param_scheduler: a --lr-warmup-fraction warmup is not rounded)."""
         if self.train_iters is not None:
             decay = (self.lr_decay_iters or train_iters) * global_batch_size
             warmup = self.lr_warmup_iters * global_batch_size
@@ -226,8 +227,15 @@ class TrainingConfig:
             decay = self.lr_decay_samples or self.train_samples
             warmup = self.lr_warmup_samples
         if self.lr_warmup_fraction is not None:
-            warmup = int(self.lr_warmup_fraction * decay)
+            warmup = self.lr_warmup_fraction * decay
         return warmup, decay
+
+    def wd_incr_steps(self, global_batch_size: int) -> int:
+        """The scheduler's weight-decay horizon in samples, as Megatron-LM sets it (and checks
+        on resume): --train-iters x the global batch, or --train-samples."""
+        if self.train_iters is not None:
+            return self.train_iters * global_batch_size
+        return self.train_samples
 
     def _check_numerics(self) -> None:
         """FP8 format and recipe, activation recomputation."""

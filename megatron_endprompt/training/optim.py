@@ -69,14 +69,19 @@ def build_scheduler(
     lr: float,
     min_lr: float,
     weight_decay: float,
-    warmup_steps: int,
+    warmup_steps: float,
     decay_steps: int,
     decay_style: str,
+    wd_incr_steps: int | None = None,
+    use_checkpoint: bool = False,
+    override: bool = False,
 ) -> OptimizerParamScheduler:
     """Megatron's scheduler, counted in samples (step it by the global batch size).
 
-    ``warmup_steps`` / ``decay_steps`` are samples, as ``TrainingConfig.schedule_steps`` gives
-    them (Megatron-LM's get_optimizer_param_scheduler).
+    ``warmup_steps`` / ``decay_steps`` / ``wd_incr_steps`` are samples, as
+    ``TrainingConfig.schedule_steps`` / ``wd_incr_steps`` give them (Megatron-LM's
+    get_optimizer_param_scheduler; None: the decay length). ``use_checkpoint`` / ``override``:
+    --use-checkpoint-opt_param-scheduler / --override-opt_param-scheduler (resume checks).
     """
     decay = max(decay_steps, warmup_steps + 1)
     return OptimizerParamScheduler(
@@ -89,8 +94,10 @@ def build_scheduler(
         lr_decay_style=decay_style,
         start_wd=weight_decay,
         end_wd=weight_decay,
-        wd_incr_steps=decay,
+        wd_incr_steps=decay if wd_incr_steps is None else wd_incr_steps,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=use_checkpoint,
+        override_opt_param_scheduler=override,
         wsd_decay_steps=max(decay // 10, 1) if decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if decay_style == "WSD" else None,
     )

@@ -75,10 +75,14 @@ def build_tokenizer_for_run(run: RunConfig):
 def build_scheduler_for_run(run: RunConfig, optimizer):
     """megatron-core's LR/WD schedule for the run, counted in samples."""
     t = run.training
+    c = run.checkpoint
     warmup, decay = t.schedule_steps(run.train_iters, t.global_batch_size)
     return build_scheduler(
-        optimizer, t.lr, t.min_lr, t.weight_decay, warmup, decay, t.lr_decay_style
-    )
+        optimizer, t.lr, t.min_lr, t.weight_decay, warmup, decay, t.lr_decay_style,
+        wd_incr_steps=t.wd_incr_steps(t.global_batch_size),
+        use_checkpoint=c.use_checkpoint_opt_param_scheduler,
+        override=c.override_opt_param_scheduler,
+    )  # fmt: skip
 
 
 def state_to_save(

@@ -45,7 +45,16 @@ def test_local_backend_takes_torch_dist_weights_and_progress(tmp_path_factory):
         assert torch.equal(module.state_dict()[key], value), key
     assert not optimizer.state  # --no-load-optim: fresh moments
     # Without it the optimizer's sharded state is mapped too (test_cpu_resumes_torch_dist.py).
-    full = parse_run_config(_run_flags(tmp_path_factory, save, "--train-iters", "3"))
+    # A longer run than the saved one changes the weight-decay horizon (train_iters x batch),
+    # which Megatron-LM refuses unless the flags' schedule overrides the checkpoint's.
+    longer = parse_run_config(_run_flags(tmp_path_factory, save, "--train-iters", "3"))
+    longer.model.vocab_size = 259
+    spare = build_adamw(module, 1e-3, 0.0, (0.9, 0.95), 1e-8)
+    with pytest.raises(ValueError, match="--override-opt_param-scheduler"):
+        scheduler = build_scheduler_for_run(longer, spare)
+        resume_local(longer, ckpt.ShardRank(), 1, module, spare, scheduler, print)
+    flags = _run_flags(tmp_path_factory, save, "--train-iters", "3")
+    full = parse_run_config([*flags, "--override-opt_param-scheduler"])
     full.model.vocab_size = 259
     scheduler = build_scheduler_for_run(full, optimizer)
     got = resume_local(full, ckpt.ShardRank(), 1, module, optimizer, scheduler, print)

@@ -52,29 +52,35 @@ def _plan(root: Path) -> tuple[list[dict], list[dict]]:
     """(the 2-process launch, the 1-process launch)."""
     two, one = [], []
     for name, (nproc, flags) in SAVES.items():
-        save = ["--exit-interval", str(SAVED_AT), "--save", str(root / name)]
+        save = ["--exit-interval", str(SAVED_AT), "--save", str(_save_dir(root, name))]
         (two if nproc == 2 else one).append(
             {"name": name, "flags": run_flags(root, *flags, *save), "action": "train"}
         )
     for name in ("fp32", "full"):
-        load = run_flags(root, *SAVES[name][1], "--load", str(root / name))
+        load = run_flags(root, *SAVES[name][1], "--load", str(_save_dir(root, name)))
         one.append({"name": f"{name}_cuda", "flags": load, "action": "train"})
     for name in ("fp32", "bf16", "full", "bf16_dp2"):
-        load = run_flags(root, *SAVES[name][1], "--load", str(root / name))
+        load = run_flags(root, *SAVES[name][1], "--load", str(_save_dir(root, name)))
         one.append({"name": f"{name}_dump", "flags": load, "action": "dump"})
     bf16 = SAVES["bf16_dp2"][1]
-    mlm = str(root / "megatron_lm")
+    mlm = str(_save_dir(root, "megatron_lm"))
     one += [
         {"name": "megatron_lm", "action": "megatron_lm_save", "save": mlm,
-         "flags": run_flags(root, *bf16, "--load", str(root / "bf16_dp2"))},
+         "flags": run_flags(root, *bf16, "--load", str(_save_dir(root, "bf16_dp2")))},
         {"name": "megatron_lm_dump", "action": "dump",
          "flags": run_flags(root, *bf16, "--load", mlm)},
         {"name": "megatron_lm_cuda", "action": "train",
          "flags": run_flags(root, *bf16, "--load", mlm)},
         {"name": "bf16_dp2_cuda_dp1", "action": "train",
-         "flags": run_flags(root, *bf16, "--load", str(root / "bf16_dp2"))},
+         "flags": run_flags(root, *bf16, "--load", str(_save_dir(root, "bf16_dp2")))},
     ]  # fmt: skip
     return two, one
+
+
+def _save_dir(root: Path, name: str) -> Path:
+    """Where run ``name`` saves: apart from dist_checkpoints.py's layouts in the same root (the
+    two share the corpus), whose ``tp2`` must stay the 1-iteration checkpoint."""
+    return root / f"optimizer_{name}"
 
 
 def optimizer_runs(tmp_path_factory) -> dict[str, dict]:  # noqa: ANN001
@@ -88,7 +94,7 @@ def optimizer_runs(tmp_path_factory) -> dict[str, dict]:  # noqa: ANN001
         two, one = _plan(root)
         launch_plan(2, two, root / "optimizer_launch2", worker=WORKER)
         launch_plan(1, one, root / "optimizer_launch1", worker=WORKER)
-        runs = {name: {"save": str(root / name)} for name in [*SAVES, "megatron_lm"]}
+        runs = {name: {"save": str(_save_dir(root, name))} for name in [*SAVES, "megatron_lm"]}
         for name in runs:
             state = root / "optimizer_launch1" / f"{name}_dump" / "state.pt"
             if state.is_file():

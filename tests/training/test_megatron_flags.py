@@ -43,7 +43,8 @@ def test_llama3_8b_fp8_script_means_what_it_means_in_megatron():
     assert m.layernorm_zero_centered_gamma and m.swiglu and m.untie_embeddings_and_output_weights
     assert not m.add_bias_linear and m.normalization == "LayerNorm"  # the script sets no norm
     assert m.rotary_base == 1e6 and m.transformer_impl == "te" and m.params_dtype == "bfloat16"
-    assert (t.train_samples, run.train_iters) == (1953125000, -(-1953125000 // 128))
+    # Megatron-LM's update_train_iters: train_samples // global_batch_size.
+    assert (t.train_samples, run.train_iters) == (1953125000, 1953125000 // 128)
     # Megatron-LM's sample-based schedule: warmup and decay are the sample counts themselves.
     assert t.schedule_steps(run.train_iters, 128) == (3906252, 1949218748)
     assert (t.decoupled_lr, t.decoupled_min_lr) == (5e-4, 4.5e-5)
@@ -210,8 +211,8 @@ def test_gpt3_script_ramps_in_samples_as_megatron_lm_counts_it():
     plan = run.ramp_plan()
     assert list(plan.ramp_batches) == ramp and plan.constant_iterations == constant
     assert run.train_iters == len(ramp) + constant and run.data_parallel_size == 8
-    assert run.training.schedule_steps(run.train_iters, 1536) == (int(0.001 * 126953125),
-                                                                  126953125)  # fmt: skip
+    # get_optimizer_param_scheduler: lr_warmup_fraction * lr_decay_steps, not rounded.
+    assert run.training.schedule_steps(run.train_iters, 1536) == (0.001 * 126953125, 126953125)
     text = describe(run, 50257)
     assert f"over 5,859,375 samples: {len(ramp):,} iterations read {sum(ramp):,}" in text
     assert f"then {constant:,} at 1536" in text

@@ -34,8 +34,9 @@ control failed. Under YaRN x8 (high frequencies kept) the same run retrieved it 
 Every model (the base without scaling too) is evaluated at 1x, 2x, 4x and 8x S0: passkey exact
 match (greedy) and teacher-forced digit accuracy over a length x depth grid with bootstrap
 intervals, each length counting the answer too (``--passkey-answer-in-length``: at 1x the key
-ends at position S0 - 1, inside the base's trained window, as in its training documents), and perplexity by position on held-out standard-library text (``tools/evaluate.py``,
-whose report.json each step reads back). Training tokens/s and peak memory come from each run's
+ends at position S0 - 1, inside the base's trained window, as in its training documents), and
+perplexity by position on held-out standard-library text (``tools/evaluate.py``, whose
+report.json each step reads back). Training tokens/s and peak memory come from each run's
 TrainResult (one process per run: its peak memory is its own). The markdown table (the
 library's ``format_table``), JSON (settings, seeds, every number) and PNG plots (the library's
 plots) are written to --output; the numbers are whatever comes out (no method is tuned).
@@ -679,7 +680,8 @@ def markdown(
         "lead-in (prep/passkey_corpus.make_passkey_window).",
         f"- Evaluation: {s.digits}-digit pass keys (first digit never 0), exact match (greedy) "
         f"and digit accuracy (teacher-forced) at depths {s.eval_depths} x {s.eval_trials} "
-        f"trials per length (prompt + answer = the length), seed {s.eval_seed}; perplexity by position on {s.ppl_windows} "
+        f"trials per length (prompt + answer = the length), seed {s.eval_seed}; perplexity by "
+        f"position on {s.ppl_windows} "
         f"held-out standard-library windows of {s.length} tokens. base, pi_only and "
         f"scaling_only evaluate the base checkpoint without scaling / with linear PI "
         f"x{s.factor} / with {s.rope_scaling} x{s.factor}.",

@@ -5,6 +5,9 @@
 * :mod:`.shards`: our per-shard format (CPU runs and conversions): save, load, RNG states, the
   recorded model config and its check.
 * :mod:`.dist`: megatron-core ``dist_checkpointing`` (CUDA runs), reshardable across TP/PP.
+* :mod:`.legacy_cuda`: Megatron-LM's legacy ``torch`` format with megatron-core's optimizers
+  (CUDA runs with ``--ckpt-format torch``; ``distrib_optim.pt``), both ways; :mod:`.adam_fallback`:
+  what megatron-core's loaders need over its torch-Adam fallback (no TE/Apex).
 * :mod:`.dist_reader`, :mod:`.stored`: :func:`open_checkpoint` reads either format at any layout
   as full tensors, on any machine (what evaluation and export use).
 * :mod:`.weights`: megatron's weight layout (norm names, TP split/merge, shapes).

@@ -5,6 +5,8 @@ wrote, tracker rewritten atomically; see checkpoint.py), but the payload is mega
 sharded format: a checkpoint saved with one TP/PP layout loads into another. Model chunks are
 stored under ``model`` (or ``model0``, ``model1``, ... with virtual pipeline stages), the optimizer
 through its own ``sharded_state_dict``, and per-rank RNG states as ``ShardedObject`` s.
+Checkpoints in the legacy per-shard format (``--ckpt-format torch``, Megatron-LM's, our CPU
+path's) are saved and loaded by :mod:`.legacy_cuda`.
 
 As in Megatron-LM, the state dict is that of the UNWRAPPED model chunks (``objs.module``): the
 megatron DDP wrapper's default ``sharded_state_dict`` would prefix every key with ``module.``,
@@ -14,9 +16,8 @@ the inner model) would accept.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,12 +25,16 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.atomic_io import writing
-from megatron_endprompt.checkpoint import megatron_lm
-from megatron_endprompt.checkpoint.layout import agree_on_write, recover_interrupted
+from megatron_endprompt.checkpoint import legacy_cuda, megatron_lm
+from megatron_endprompt.checkpoint.adam_fallback import (
+    keep_own_adam_steps,
+    prime_fresh_torch_adam,
+    restore_torch_adam_steps,
+)
+from megatron_endprompt.checkpoint.layout import agree_on_write, fresh_tmp_dir
 from megatron_endprompt.device import synchronize
 
 
@@ -131,13 +136,7 @@ def save(run, rt, objs, state) -> str:
     final = ckpt.iteration_dir(save_dir, state.iteration)
     tmp = final + ".tmp"
     rank0 = dist.get_rank() == 0
-
-    def fresh() -> None:
-        with writing(tmp):
-            os.makedirs(save_dir, exist_ok=True)
-            recover_interrupted(save_dir)
-            os.makedirs(tmp)
-
+    fresh = functools.partial(fresh_tmp_dir, save_dir, tmp)
     agree_on_write(fresh if rank0 else None, tmp, cleanup=tmp)
     metadata = sharding_metadata(run)
     sharded = sharded_state(run, rt, objs, state, metadata=metadata)
@@ -174,79 +173,6 @@ def _check_layout_change(run, rt, saved_layout, metadata: dict[str, Any] | None,
         )
 
 
-def _torch_adam_distributed(optimizer):
-    """(DistributedOptimizer, its inner torch Adam) pairs: megatron-core's no-TE/Apex fallback."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(opt, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
-            yield opt, inner
-
-
-def _prime_fresh_torch_adam(optimizer) -> None:
-    """Give a fresh distributed optimizer's torch Adam state entries with a ``step``.
-
-    Without Transformer Engine or Apex, megatron-core 0.16.1 falls back to torch Adam, and its
-    ``DistributedOptimizer.state_dict()`` (called while building the load state dict) reads the
-    ``step`` of every state entry: a freshly built optimizer has none and fails an assertion.
-    Zeros are enough; the checkpoint's values replace them in place.
-    """
-    for _, inner in _torch_adam_distributed(optimizer):
-        for group in inner.param_groups:
-            for param in group["params"]:
-                entry = inner.state[param]
-                if "step" not in entry:
-                    entry.setdefault("exp_avg", torch.zeros_like(param))
-                    entry.setdefault("exp_avg_sq", torch.zeros_like(param))
-                    entry["step"] = torch.zeros((), dtype=torch.float32)
-
-
-def _restore_torch_adam_steps(optimizer) -> None:
-    """Per-parameter Adam ``step`` tensors from the loaded param groups (torch Adam fallback).
-
-    megatron-core 0.16.1 stores the step in the param groups; on load it gives every state entry
-    ONE shared step tensor, then its dp_reshardable loader copies the load-time placeholder over
-    it (the step is a non-persistent local object there). The result is step 0, and a tensor
-    that torch Adam would increment once per parameter. Rebuilt here from the groups.
-    """
-    for _, inner in _torch_adam_distributed(optimizer):
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                if param in inner.state:
-                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
-
-
-@contextlib.contextmanager
-def _torch_adam_fully_reshardable(optimizer, metadata: dict[str, Any]) -> Iterator[None]:
-    """Let megatron-core load a ``fully_reshardable`` state into its torch Adam fallback.
-
-    Its ``_set_main_param_and_optimizer_states`` (0.16.1) copies every entry of the parameter's
-    Adam state from the loaded tensors, ``step`` included, but the ``fully_reshardable`` loader
-    never passes ``step`` (it lives in the param groups): a KeyError. Within this block each
-    call is handed the entry's own step (copied onto itself); the groups' step is restored
-    afterwards by :func:`_restore_torch_adam_steps`.
-    """
-    patched = []
-    if metadata.get("distrib_optim_sharding_type") == "fully_reshardable":
-        for opt, inner in _torch_adam_distributed(optimizer):
-
-            def with_step(model_param, tensors, opt=opt, inner=inner) -> None:  # noqa: ANN001
-                group, order = opt.model_param_group_index_map[model_param]
-                own = inner.state[inner.param_groups[group]["params"][order]]
-                if "step" in own and "step" not in tensors:
-                    tensors = {**tensors, "step": own["step"]}
-                type(opt)._set_main_param_and_optimizer_states(opt, model_param, tensors)
-
-            opt._set_main_param_and_optimizer_states = with_step
-            patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # the class's method again
-
-
 def load(run, rt, objs, state) -> bool:
     """Load the latest checkpoint of --load into ``objs``/``state``; False when there is none."""
     iteration = ckpt.read_tracker(run.checkpoint.load)
@@ -255,9 +181,8 @@ def load(run, rt, objs, state) -> bool:
     path = ckpt.stored_iteration_dir(run.checkpoint.load, iteration)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load: tracker names {path}, which does not exist")
-    names = ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0, rt.pp_size).shard_names
-    if any(os.path.isdir(os.path.join(path, name)) for name in names):
-        return _load_legacy(run, rt, objs, state, iteration)
+    if legacy_cuda.is_legacy_checkpoint(path):
+        return legacy_cuda.load(run, rt, objs, state, iteration)
     common = dist_checkpointing.load_common_state_dict(path)
     ckpt.check_checkpoint_model(run.model, common, run.checkpoint.load)
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common)
@@ -267,7 +192,7 @@ def load(run, rt, objs, state) -> bool:
     load_rng = saved_layout is None or list(saved_layout) == _layout(rt)
     c = run.checkpoint
     if not (c.finetune or c.no_load_optim):
-        _prime_fresh_torch_adam(objs.optimizer)
+        prime_fresh_torch_adam(objs.optimizer)
     if not load_rng and rt.is_logging_rank and not (c.finetune or c.no_load_rng):
         print(
             f"--load: checkpoint saved with (PP, TP) = {tuple(saved_layout)}, this run has "
@@ -287,9 +212,11 @@ def load(run, rt, objs, state) -> bool:
     if not (c.finetune or c.no_load_optim):
         # Copies into the main params; with fp32 parameters those are views of the model's
         # leaf parameters (megatron-core's dp_reshardable loader does not disable autograd).
-        with torch.no_grad(), _torch_adam_fully_reshardable(objs.optimizer, metadata or {}):
+        # megatron-core's fully_reshardable loader passes no Adam step (adam_fallback.py).
+        fully = (metadata or {}).get("distrib_optim_sharding_type") == "fully_reshardable"
+        with torch.no_grad(), keep_own_adam_steps(objs.optimizer, enabled=fully):
             objs.optimizer.load_state_dict(loaded["optimizer"])
-        _restore_torch_adam_steps(objs.optimizer)
+        restore_torch_adam_steps(objs.optimizer)
         where = f"--load={c.load}"
         megatron_lm.load_scheduler_state(objs.scheduler, loaded["opt_param_scheduler"], where)
     else:
@@ -309,34 +236,4 @@ def load(run, rt, objs, state) -> bool:
             megatron_lm.progress(loaded)
         )
     synchronize(rt.device)
-    return True
-
-
-def _load_legacy(run, rt, objs, state, iteration: int) -> bool:
-    """Weights (and, when resuming, progress) from the per-shard torch format of checkpoint.py.
-
-    This is the format of CPU runs and of converted Hugging Face checkpoints; its optimizer
-    state is torch AdamW's, so only ``--finetune`` or ``--no-load-optim`` can take it on CUDA.
-    """
-    if len(objs.model) > 1:
-        raise ValueError(
-            "--load: a per-shard (CPU-format) checkpoint cannot be loaded with virtual pipeline "
-            "stages; train without --num-layers-per-virtual-pipeline-stage"
-        )
-    if not (run.checkpoint.finetune or run.checkpoint.no_load_optim):
-        raise ValueError(
-            "--load: this checkpoint was written by a CPU run (torch AdamW state); pass "
-            "--finetune or --no-load-optim to take its weights on CUDA"
-        )
-    shard = ckpt.load_checkpoint(
-        run.checkpoint.load, ckpt.ShardRank(rt.tp_rank, rt.pp_rank, 0, rt.pp_size), iteration
-    )
-    ckpt.load_model_weights(objs.module[0], shard, run.checkpoint.load, run.model)
-    # The optimizer's fp32 main params (bf16/fp16) were copied from the initial weights.
-    objs.optimizer.reload_model_params()
-    if not run.checkpoint.finetune:
-        # Megatron-LM keeps the consumed samples in args (checkpoint/megatron_lm.py).
-        state.iteration, state.consumed_samples, state.valid_consumed_samples = (
-            megatron_lm.progress(shard)
-        )
     return True

@@ -131,6 +131,15 @@ def recover_interrupted(save_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def fresh_tmp_dir(save_dir: str, tmp: str) -> None:
+    """Rank 0's first step of every save: ``save_dir`` cleared of what killed saves left
+    (:func:`recover_interrupted`) and an empty ``tmp`` (``iter_N.tmp``) created in it."""
+    with writing(tmp):
+        os.makedirs(save_dir, exist_ok=True)
+        recover_interrupted(save_dir)
+        os.makedirs(tmp)
+
+
 def save_torch(obj: Any, path: str) -> None:
     """``torch.save`` through a Python file, so that a refused write is an OSError with its
     errno (torch's own file writer reports a full disk as ``unexpected pos ...``), raised as

@@ -22,12 +22,13 @@ a directory. ``keep_last`` prunes older complete checkpoints after the tracker m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pickle
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,10 +42,10 @@ from megatron_endprompt.checkpoint.layout import (
     SHARD_FILE,
     ShardRank,
     agree_on_write,
+    fresh_tmp_dir,
     iteration_dir,
     publish_iteration,
     read_tracker,
-    recover_interrupted,
     save_torch,
     stored_iteration_dir,
     verify_checksum,
@@ -167,7 +168,8 @@ def save_checkpoint(
     """
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
-    agree_on_write(_fresh_dir(save_dir, tmp) if _is_rank0() else None, tmp, cleanup=tmp)
+    fresh = functools.partial(fresh_tmp_dir, save_dir, tmp)
+    agree_on_write(fresh if _is_rank0() else None, tmp, cleanup=tmp)
 
     def write_shard() -> None:
         shard_dir = os.path.join(tmp, rank.shard_name)
@@ -187,18 +189,6 @@ def save_checkpoint(
     # On failure publish_iteration has already put the previous state back.
     agree_on_write(publish if _is_rank0() else None, final, cleanup=None)
     return final
-
-
-def _fresh_dir(save_dir: str, tmp: str) -> Callable[[], None]:
-    """A step that creates an empty ``tmp`` in ``save_dir`` (leftovers of a crashed save go)."""
-
-    def make() -> None:
-        with writing(tmp):
-            os.makedirs(save_dir, exist_ok=True)
-            recover_interrupted(save_dir)
-            os.makedirs(tmp)
-
-    return make
 
 
 def checkpoint_path(load_dir: str, rank: ShardRank, iteration: int | None = None) -> str | None:

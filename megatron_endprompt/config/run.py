@@ -234,11 +234,6 @@ def _validate_backend(run: RunConfig) -> None:
     if p.context_parallel_size > 1 and impl != "te":
         _fail("--context-parallel-size > 1 needs --transformer-impl te (TE's CP attention)")
     if run.device != "cpu":
-        if run.checkpoint.ckpt_format == "torch" and run.checkpoint.save:
-            _fail(
-                "--ckpt-format torch: the CUDA path saves torch_dist only (megatron-core "
-                "dist_checkpointing; it loads both formats)"
-            )
         return
     unsupported = {
         "--fp16": t.fp16,

@@ -264,8 +264,9 @@ class CheckpointConfig:
     exit_signal_handler: bool = True
     """On SIGTERM: save a checkpoint and exit 0."""
     ckpt_format: CkptFormat = "torch_dist"
-    """torch_dist (megatron-core dist_checkpointing; CUDA path) | torch (one file per
-    TP/PP shard). The CPU path always writes torch: megatron-core's dist writer needs CUDA."""
+    """torch_dist (megatron-core dist_checkpointing; CUDA path) | torch (Megatron-LM's legacy
+    format: one file per TP/PP shard, plus distrib_optim.pt with the distributed optimizer). The
+    CPU path always writes torch: megatron-core's dist writer needs CUDA."""
     use_checkpoint_args: bool = False
     """Take the model shape from the --load checkpoint's recorded arguments (Megatron-LM's
     args, or this package's model config) instead of the shape flags."""

@@ -4,7 +4,8 @@
   (Megatron-LM's legacy ``torch`` layout; ``torch_dist`` checkpoints resume too, see
   ``checkpoint/resume.py``).
 * :class:`MegatronBackend` (CUDA): megatron-core DDP, (distributed) optimizer, pipeline
-  schedules, ``dist_checkpointing``.
+  schedules, ``dist_checkpointing`` (or, with ``--ckpt-format torch``, Megatron-LM's legacy
+  per-shard format, ``checkpoint/legacy_cuda.py``).
 
 Chosen once per run from the device (:func:`make_backend`, ``device.backend_kind``); the loop
 only talks to the protocol. Both share the step core (``step.fetch_microbatches``,
@@ -23,6 +24,7 @@ import torch
 
 from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.checkpoint import dist as dist_checkpoint
+from megatron_endprompt.checkpoint import legacy_cuda
 from megatron_endprompt.checkpoint.resume import resume_local
 from megatron_endprompt.device import backend_kind
 from megatron_endprompt.model.gpt import build_model
@@ -128,7 +130,7 @@ class LocalBackend(_BackendState):
 
 
 class MegatronBackend(_BackendState):
-    """CUDA: megatron-core DDP, optimizer, schedules (PP, VPP) and dist checkpoints."""
+    """CUDA: megatron-core DDP, optimizer, schedules (PP, VPP); dist or legacy checkpoints."""
 
     def build(self) -> TrainingObjects:
         run, rt = self.run, self.rt
@@ -161,6 +163,8 @@ class MegatronBackend(_BackendState):
         )
 
     def save(self, objs: TrainingObjects, state: TrainState) -> str:
+        if self.run.checkpoint.ckpt_format == "torch":  # Megatron-LM's legacy format
+            return legacy_cuda.save(self.run, self.rt, objs, state)
         return dist_checkpoint.save(self.run, self.rt, objs, state)
 
 

@@ -341,8 +341,6 @@ def test_config_validation(tmp_path, overrides, needle):
         make_config("/nonexistent/prefix", str(tmp_path), **{"cues": [[1]], **overrides})
 
 
-
-
 def test_empty_documents_fail_with_the_prefix(tmp_path):
     prefix = write_corpus(str(tmp_path / "empty" / "text_document"), [[]] * 5)
     config = make_config(prefix, str(tmp_path / "cache"), cues=[[1]])

@@ -7,9 +7,12 @@ Every emulated run of the module-level plans happens in one of three torchrun la
   CPU-path comparison, an fp16 run, and --rampup-batch-size runs (fresh, and from the initial
   checkpoint);
 * 2 ranks: PP=2, PP=2 x VPP=2, a PP=2 run preempted by SIGTERM at iteration 2, its resume at
-  PP=2 and at TP=2; a PP=2 ramp straight, stopped mid-ramp and resumed;
-* 4 ranks: DP=2 x PP=2, TP=2 x PP=2, bf16 + distributed optimizer at DP=2 x PP=2 straight, saved
-  at iteration 2 and resumed.
+  PP=2 and at TP=2; a PP=2 ramp straight, stopped mid-ramp and resumed; PP=2 with a full disk
+  on one rank, in either checkpoint format; PP=2 saved in Megatron-LM's legacy format
+  (``--ckpt-format torch``) at iteration 2 and resumed;
+* 4 ranks (``megatron_state_worker.py``): DP=2 x PP=2, TP=2 x PP=2, bf16 + distributed optimizer
+  at DP=2 x PP=2 straight, saved at iteration 2 and resumed, in either format; that checkpoint
+  re-saved as Megatron-LM's own ``save_checkpoint`` writes the legacy format, and resumed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(HERE.parent / "training"))
 
 from emulated_run import (  # noqa: E402
     BF16_DISTOPT,
+    LEGACY,
     PP2,
     TP2,
     VPP2,
@@ -38,6 +42,7 @@ from train_fixtures import make_corpus, make_jsonl  # noqa: E402
 from megatron_endprompt.prep.preprocess import preprocess_jsonl  # noqa: E402
 
 OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather"]
+STATE_WORKER = str(HERE / "megatron_state_worker.py")
 FP8_SCRIPT_SHRUNK = {
     "--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128",
     "--num-attention-heads": "4", "--num-query-groups": "2", "--kv-channels": "16",
@@ -135,9 +140,19 @@ def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
         {"name": "pp2_disk_full", "flags": train_flags(
             emu_data, *ref, *PP2, "--save", disk_full, "--save-interval", "2"),
          "enospc": "1:4"},
+        {"name": "pp2_torch_disk_full", "flags": train_flags(
+            emu_data, *ref, *PP2, "--save", f"{disk_full}_torch", "--save-interval", "2",
+            *LEGACY), "enospc": "1:4"},
+        # Megatron-LM's legacy format: saved at iteration 2, resumed to 4.
+        {"name": "pp2_torch_first", "flags": train_flags(
+            emu_data, *ref, *PP2, "--save", f"{first}_torch", *LEGACY, "--exit-interval", "2")},
+        {"name": "pp2_torch_resumed", "flags": train_flags(
+            emu_data, "--load", f"{first}_torch", "--save", f"{again}_torch", *PP2, *LEGACY)},
     ]  # fmt: skip
     results = launch_plan(2, runs, emu_dir / "two_ranks")
     results["pp2_disk_full"]["save"] = disk_full
+    results["pp2_torch_disk_full"]["save"] = f"{disk_full}_torch"
+    results["pp2_torch_first"]["save"] = f"{first}_torch"
     results["pp2_first"]["save"] = first
     results["pp2_ramp_first"]["save"] = ramp_first
     return results
@@ -147,6 +162,7 @@ def two_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
 def four_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
     ref = ["--load", one_rank["init"]["path"], "--finetune"]
     first, again = str(emu_dir / "distopt_first"), str(emu_dir / "distopt_again")
+    mlm_legacy = str(emu_dir / "distopt_megatron_lm_legacy")
     runs = [
         {"name": "dp2_pp2", "flags": train_flags(emu_data, *ref, *PP2)},
         {"name": "tp2_pp2", "flags": train_flags(emu_data, *ref, *TP2, *PP2)},
@@ -157,9 +173,22 @@ def four_ranks(emu_data, emu_dir, one_rank) -> dict[str, dict]:
             emu_data, *ref, *PP2, *BF16_DISTOPT, "--save", first, "--exit-interval", "2")},
         {"name": "distopt_resumed", "flags": train_flags(
             emu_data, "--load", first, "--save", again, *PP2, *BF16_DISTOPT)},
+        {"name": "distopt_torch_first", "flags": train_flags(
+            emu_data, *ref, *PP2, *BF16_DISTOPT, "--save", f"{first}_torch", *LEGACY,
+            "--exit-interval", "2")},
+        {"name": "distopt_torch_resumed", "flags": train_flags(
+            emu_data, "--load", f"{first}_torch", *PP2, *BF16_DISTOPT)},
+        # Our torch_dist checkpoint of iteration 2, loaded and written again by the test's own
+        # copy of Megatron-LM's legacy save_checkpoint; then resumed by our CUDA path.
+        {"name": "distopt_megatron_lm_legacy", "action": "megatron_lm_legacy_save",
+         "save": mlm_legacy, "flags": train_flags(emu_data, "--load", first, *PP2, *BF16_DISTOPT)},
+        {"name": "distopt_megatron_lm_legacy_resumed", "flags": train_flags(
+            emu_data, "--load", mlm_legacy, *PP2, *BF16_DISTOPT)},
     ]  # fmt: skip
-    results = launch_plan(4, runs, emu_dir / "four_ranks")
+    results = launch_plan(4, runs, emu_dir / "four_ranks", worker=STATE_WORKER)
     results["distopt_first"]["save"] = first
+    results["distopt_torch_first"]["save"] = f"{first}_torch"
+    results["distopt_megatron_lm_legacy_resumed"]["load"] = mlm_legacy
     return results
 
 

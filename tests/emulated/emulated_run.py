@@ -60,6 +60,7 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 VPP2 = ["--num-layers-per-virtual-pipeline-stage", "1"]  # 4 layers / PP 2 / 1 = 2 virtual stages
 TP2 = ["--tensor-model-parallel-size", "2"]
 BF16_DISTOPT = ["--bf16", "--use-distributed-optimizer"]
+LEGACY = ["--ckpt-format", "torch"]  # Megatron-LM's legacy per-shard format
 
 
 def train_flags(emu_data, *extra, iters: int = ITERS, warmup: int = 0) -> list[str]:

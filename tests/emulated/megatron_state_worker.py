@@ -14,7 +14,10 @@
   the same checkpoint is compared with;
 * ``"megatron_lm_save"``: load the same way, then save the loaded state to ``save`` exactly as
   Megatron-LM core_v0.16.1's ``save_checkpoint`` does for ``--ckpt-format torch_dist``
-  (:func:`megatron_lm_state_dict`), tracker included.
+  (:func:`megatron_lm_state_dict`), tracker included;
+* ``"megatron_lm_legacy_save"``: the same for ``--ckpt-format torch`` (its legacy branch:
+  ``iter_N/mp_rank_TT[_PPP]/model_optim_rng.pt`` from DP rank 0, ``distrib_optim.pt`` through
+  ``save_parameter_state`` on every rank; :func:`megatron_lm_legacy_save`).
 
 Test-only: megatron-core's private optimizer accessors are fine here, never in the library.
 """
@@ -98,7 +101,7 @@ def _dump(spec: dict) -> None:
     }, os.path.join(spec["out"], "state.pt"))  # fmt: skip
 
 
-def megatron_lm_args(run, rt, state) -> argparse.Namespace:  # noqa: ANN001
+def megatron_lm_args(run, rt, state, ckpt_format="torch_dist") -> argparse.Namespace:  # noqa: ANN001
     """The ``args`` Megatron-LM would have parsed for this run (the fields its load reads).
 
     Megatron-LM stores its whole argparse namespace; these are the model, parallel, tokenizer
@@ -136,7 +139,8 @@ def megatron_lm_args(run, rt, state) -> argparse.Namespace:  # noqa: ANN001
         use_distributed_optimizer=p.use_distributed_optimizer, world_size=rt.world_size,
         data_parallel_size=rt.dp_size, micro_batch_size=t.micro_batch_size,
         global_batch_size=t.global_batch_size, train_iters=run.train_iters, lr=t.lr,
-        min_lr=t.min_lr, seed=t.seed, ckpt_format="torch_dist", use_dist_ckpt=True,
+        min_lr=t.min_lr, seed=t.seed, ckpt_format=ckpt_format,
+        use_dist_ckpt=ckpt_format == "torch_dist",
         dist_ckpt_optim_fully_reshardable=run.checkpoint.dist_ckpt_optim_fully_reshardable,
         no_save_optim=None, no_save_rng=None, data_parallel_random_init=False,
         consumed_train_samples=state.consumed_samples, skipped_train_samples=0,
@@ -157,7 +161,6 @@ def megatron_lm_state_dict(run, rt, objs, state) -> tuple[dict, dict]:  # noqa: 
     """
     import torch
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -174,10 +177,7 @@ def megatron_lm_state_dict(run, rt, objs, state) -> tuple[dict, dict]:  # noqa: 
         sd[key] = chunk.sharded_state_dict(metadata=live)
     sd["optimizer"] = objs.optimizer.sharded_state_dict(sd, metadata=live)
     sd["opt_param_scheduler"] = objs.scheduler.state_dict()
-    rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-           "torch_rng_state": torch.get_rng_state(),
-           "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
-           "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}  # fmt: skip
+    (rng,) = _megatron_lm_rng_state()
     dp_cp = ps.get_data_parallel_rank(with_context_parallel=True)
     grid = (rt.pp_size, rt.tp_size), (rt.pp_rank, rt.tp_rank)
     sd["rng_state"] = ShardedObject("rng_state", [rng], *grid, replica_id=dp_cp)
@@ -192,6 +192,65 @@ def megatron_lm_state_dict(run, rt, objs, state) -> tuple[dict, dict]:  # noqa: 
         })  # fmt: skip
     sd["num_floating_point_operations_so_far"] = 0.0
     return sd, metadata
+
+
+def _megatron_lm_rng_state() -> list[dict]:
+    """``get_rng_state`` for ``torch`` (no data-parallel random init): a list of one dict."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(),
+             "cuda_rng_state": torch.zeros(16, dtype=torch.uint8),
+             "rng_tracker_states": tracker}]  # fmt: skip
+
+
+def megatron_lm_legacy_save(run, rt, objs, state, save: str) -> None:  # noqa: ANN001
+    """What Megatron-LM's ``save_checkpoint`` does with ``--ckpt-format torch`` (legacy branch).
+
+    ``get_checkpoint_name``: ``iter_%07d/mp_rank_%02d`` (+ ``_%03d`` with PP > 1)
+    ``/model_optim_rng.pt``; with the distributed optimizer every rank calls
+    ``optimizer.save_parameter_state(<its folder>/distrib_optim.pt)`` first
+    (``get_distributed_optimizer_checkpoint_name``); then DP rank 0 (expert-DP, here DP x CP)
+    ``torch.save``s ``generate_state_dict``: args, checkpoint_version, iteration, ``model`` (or
+    ``model%d``) = ``state_dict_for_save_checkpoint()``, ``optimizer.state_dict()``,
+    ``opt_param_scheduler``, ``rng_state``, then ``num_floating_point_operations_so_far``;
+    barrier; rank 0 writes the tracker.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    sub = f"mp_rank_{rt.tp_rank:02d}" + (f"_{rt.pp_rank:03d}" if rt.pp_size > 1 else "")
+    name = os.path.join(save, f"iter_{state.iteration:07d}", sub, "model_optim_rng.pt")
+    rng_state = _megatron_lm_rng_state()
+    if run.parallel.use_distributed_optimizer:
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        objs.optimizer.save_parameter_state(os.path.join(os.path.dirname(name), "distrib_optim.pt"))
+    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
+        sd = {"args": megatron_lm_args(run, rt, state, "torch"),
+              "checkpoint_version": CHECKPOINT_VERSION, "iteration": state.iteration}  # fmt: skip
+        n = len(objs.module)
+        keys = ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+        for key, chunk in zip(keys, objs.module):
+            sd[key] = chunk.state_dict_for_save_checkpoint()
+        sd["optimizer"] = objs.optimizer.state_dict()
+        sd["opt_param_scheduler"] = objs.scheduler.state_dict()
+        sd["rng_state"] = rng_state
+        sd["num_floating_point_operations_so_far"] = 0.0
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        torch.save(sd, name)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(state.iteration))
+    dist.barrier()
+
+
+def _megatron_lm_legacy_save(spec: dict) -> None:
+    run, rt, objs, state = _build_and_load(spec["flags"])
+    megatron_lm_legacy_save(run, rt, objs, state, spec["save"])
 
 
 def _megatron_lm_save(spec: dict) -> None:
@@ -212,6 +271,10 @@ def _megatron_lm_save(spec: dict) -> None:
     dist.barrier()
 
 
+ACTIONS = {"dump": _dump, "megatron_lm_save": _megatron_lm_save,
+           "megatron_lm_legacy_save": _megatron_lm_legacy_save}  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     plan = read_plan(argv[0])
     from megatron.core import parallel_state as ps
@@ -226,7 +289,7 @@ def main(argv: list[str]) -> int:
                 if action == "train":
                     _run_one(spec, world, rank)
                     continue
-                (_dump if action == "dump" else _megatron_lm_save)(spec)
+                ACTIONS[action](spec)
             except BaseException as err:
                 raise RuntimeError(f"emulated run {spec['name']!r} failed on rank {rank}") from err
             if ps.model_parallel_is_initialized():

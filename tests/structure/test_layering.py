@@ -178,3 +178,16 @@ def test_lazy_import_allowlist_has_no_stale_entries():
     used = {(rel, mod) for rel, _, mod in _lazy_imports()}
     stale = sorted(set(LAZY_IMPORTS) - used)
     assert not stale, f"LAZY_IMPORTS entries that match no import any more: {stale}"
+
+
+def test_test_module_names_are_unique():
+    """pytest imports test files and their helpers by basename (the folders are not packages):
+    two files of one name stop the whole run at collection ("import file mismatch").
+    conftest.py files are told apart by pytest itself."""
+    tests = Path(__file__).resolve().parents[1]
+    seen: dict[str, list[str]] = {}
+    for path in tests.rglob("*.py"):
+        if path.name != "conftest.py":
+            seen.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, clashes

@@ -19,11 +19,13 @@ learnable. It is then extended to L = 8 x S0 = 1024 with YaRN x8 and the SAME to
     endprompt_tail_random  the same at a random terminal position (the reference's own mode)
     endprompt_pose         PoSE chunks + the tail terminal at the end of the window
 
-Bases and seeds (``--base-seeds``, ``--seeds``): the first base is extended with every extension
-seed (default 3: the table's mean ± sd is extension-to-extension variance); every further base
-(default one more) with the first seed only (the base-to-base table). The report checks
-REPLICATION_NOTES' bars first (base >= 0.95 passkey exact match at S0, full_length >= 0.80 at L)
-and says so when they are not met: then the table ranks nothing.
+Bases and seeds (``--base-seeds``, ``--seeds``): every base is pretrained and evaluated; a base
+below the S0 bar (``--base-bar``, default 0.95 passkey exact match at S0, REPLICATION_NOTES) is
+reported and not extended, since an extension of a base that cannot retrieve within its own
+window measures nothing. The first base at the bar is extended with every extension seed
+(default 3: the table's mean ± sd is extension-to-extension variance); every further base at the
+bar with the first seed only (the base-to-base table). The report then checks the full-length
+bar (full_length >= 0.80 at L) and says so when it is not met: then the table ranks nothing.
 
 Why YaRN and not linear PI (measured while choosing the settings, REPLICATION_NOTES item 6):
 linear PI x8 compresses the high-frequency RoPE dimensions this small model copies with; after
@@ -131,9 +133,9 @@ METHODS = (
             "--endprompt-terminal", "tail", "--endprompt-placement", "fixed")),
 )  # fmt: skip
 METHOD_NAMES = tuple(m.name for m in METHODS)
-RESUMABLE = ("seeds", "methods", "base_seeds")
+RESUMABLE = ("seeds", "methods", "base_seeds", "base_bar")
 """Settings that --resume may change: finished runs of other seeds, methods and bases stay
-valid."""
+valid (the base bar only decides which bases are extended)."""
 
 
 @dataclass
@@ -168,9 +170,12 @@ class Settings:
     extend_iters: int = 400
     extend_lr: float = 5e-4
     warmup_iters: int = 10
-    base_seeds: list[int] = field(default_factory=lambda: [1, 2])
-    """Base pretraining seeds. The first base is extended with every seed of ``seeds``; every
-    further base with the first of them only (the table's base-to-base variance)."""
+    base_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Base pretraining seeds. The first base at ``base_bar`` is extended with every seed of
+    ``seeds``; every further base at the bar with the first of them only (the table's
+    base-to-base variance)."""
+    base_bar: float = 0.95
+    """A base whose passkey exact match at S0 is below this is reported and not extended."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Extension seeds (data order and layout draws of the extension runs)."""
     eval_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -200,7 +205,7 @@ QUICK = dict(
     passkey_docs_s0=200, passkey_docs_l=40, num_layers=2, hidden_size=64, ffn_hidden_size=176,
     num_attention_heads=2, factor=4, tokens_per_iter=1024, tokens_per_micro_batch=512,
     base_iters=4, extend_iters=2, eval_depths=[0.5], eval_trials=1, ppl_windows=1,
-    base_seeds=[1], seeds=[1],
+    base_seeds=[1], seeds=[1], base_bar=0.0,
 )  # fmt: skip
 
 
@@ -218,6 +223,8 @@ def check_settings(s: Settings) -> None:
                         ("--num-layers", s.num_layers), ("--s0", s.s0)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0.0 <= s.base_bar <= 1.0:
+        raise ValueError(f"--base-bar must be in [0, 1], got {s.base_bar}")
     if not 0.0 < s.corpus_weight < 1.0:
         raise ValueError(f"--corpus-weight must be in (0, 1), got {s.corpus_weight}")
     if s.hidden_size % s.num_attention_heads:
@@ -598,6 +605,11 @@ def long_mean(s: Settings, exact: dict[int, float]) -> float:
     return sum(exact[n] for n in longer) / len(longer)
 
 
+def base_at_bar(s: Settings, base_row: dict) -> bool:
+    """Whether a base's passkey exact match at S0 reaches ``s.base_bar`` (then it is extended)."""
+    return bool(base_row["exact_match"][s.s0] >= s.base_bar)
+
+
 def bars(s: Settings, rows: list[dict]) -> list[dict[str, Any]]:
     """REPLICATION_NOTES' bars, checked on the first base: a base at >= 95% passkey exact match
     at S0 and a full-length control at >= 80% at L. Without both the table ranks nothing."""
@@ -615,10 +627,11 @@ def bars(s: Settings, rows: list[dict]) -> list[dict[str, Any]]:
 
 def markdown(
     s: Settings, rows: list[dict], base_rows: dict[int, list[dict]], bases: dict[int, dict],
-    elapsed: float,
+    first: int, elapsed: float,
 ) -> str:  # fmt: skip
-    """The report: settings, the bars, the table (first base), the base-to-base table and how
-    to read them. ``base_rows``: every further base's rows (first extension seed)."""
+    """The report: settings, the bars, the table (base ``first``, the first at the S0 bar), the
+    base-to-base table and how to read them. ``base_rows``: every further base at the bar's
+    rows (first extension seed); ``bases``: every base's summary (``at_bar`` among them)."""
     from megatron_endprompt.eval.report import format_table
 
     lengths = sorted(rows[0]["exact_match"])
@@ -635,9 +648,12 @@ def markdown(
         cells += [_fmt(p, 1) for p in r["perplexity"]]
         cells += [_fmt(r["tokens_per_s"], 0), _fmt(r["peak_memory_gib"]), _fmt(r["final_loss"], 3)]
         table.append(cells)
-    first = s.base_seeds[0]
     checks = bars(s, rows)
-    bar_lines = [f"- {'MET' if b['met'] else 'NOT MET'}: {b['bar']} = {b['value']:.2f} "
+    bar_lines = [f"- Bases (passkey exact match at S0 = {s.s0}, --base-bar {s.base_bar:g}): "
+                 + "; ".join(f"seed {b} {x['exact_match_at_s0']:.2f} "
+                             f"({'extended' if x['at_bar'] else 'below the bar, not extended'})"
+                             for b, x in bases.items())]  # fmt: skip
+    bar_lines += [f"- {'MET' if b['met'] else 'NOT MET'}: {b['bar']} = {b['value']:.2f} "
                  f"(bar {b['threshold']:.2f})" for b in checks]  # fmt: skip
     if not all(b["met"] for b in checks):
         bar_lines.append("- The bars are not met: these numbers do not rank the methods.")
@@ -734,10 +750,12 @@ def plot(rows: list[dict], path_passkey: str, path_ppl: str) -> list[str]:
     return [path_passkey, path_ppl]
 
 
-def result_lines(s: Settings, rows: list[dict]) -> list[str]:
-    """The RESULT lines (one per headline figure)."""
+def result_lines(s: Settings, rows: list[dict], bases: dict[int, dict]) -> list[str]:
+    """The RESULT lines (one per headline figure); ``rows``: the first base at the bar."""
     by = {r["method"]: r for r in rows}
-    out = [f"RESULT base_passkey_exact_at_s0 {by['base']['exact_match'][s.s0]:.4f}"]
+    out = [f"RESULT bases_trained {len(bases)}",
+           f"RESULT bases_at_bar {sum(1 for x in bases.values() if x['at_bar'])}",
+           f"RESULT base_passkey_exact_at_s0 {by['base']['exact_match'][s.s0]:.4f}"]  # fmt: skip
     for b in bars(s, rows):
         key = "base_bar_met" if b["bar"].startswith("base") else "full_length_bar_met"
         out.append(f"RESULT {key} {int(b['met'])}")
@@ -791,12 +809,21 @@ def base_rows_for(
     s: Settings, base_seed: int, seeds: list[int], paths: dict, out: str, logs: str,
     resume: bool,
 ) -> tuple[dict[str, Any], list[dict]]:  # fmt: skip
-    """Train and evaluate base ``base_seed`` and every method from it with ``seeds``;
-    returns ``(the base's training summary, one row per method, the base first)``."""
-    summary = train_base(s, base_seed, paths, out, logs, resume)
+    """Train and evaluate base ``base_seed``, and, when it is at ``s.base_bar``, every method
+    from it with ``seeds``; returns ``(the base's training summary with its exact match at S0
+    and whether it is at the bar, one row per method, the base first)``."""
+    summary = dict(train_base(s, base_seed, paths, out, logs, resume))
     ckpt = base_dir(out, base_seed)
     report = evaluate(s, paths, ckpt, run_name("base", base_seed), out, logs, resume)
     rows = [row_for("base", "the S0 model, no scaling (extrapolates past S0)", [report], [None])]
+    summary["seed"] = base_seed
+    summary["exact_match_at_s0"] = rows[0]["exact_match"][s.s0]
+    summary["at_bar"] = base_at_bar(s, rows[0])
+    if not summary["at_bar"]:
+        print(f"[replicate] base seed {base_seed}: passkey exact match at S0 "
+              f"{summary['exact_match_at_s0']:.2f} < --base-bar {s.base_bar:g}: reported, not "
+              "extended", flush=True)  # fmt: skip
+        return summary, rows
     for m in (x for x in METHODS if x.name in s.methods):
         reports, summaries = [], []
         if not m.trains:
@@ -824,16 +851,29 @@ def replicate(s: Settings, out: str, resume: bool) -> list[str]:
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     paths = prepare_data(s, out, logs, resume)
-    first, others = s.base_seeds[0], s.base_seeds[1:]
-    bases, base_rows = {}, {}
-    bases[first], rows = base_rows_for(s, first, s.seeds, paths, out, logs, resume)
-    for b in others:
-        bases[b], base_rows[b] = base_rows_for(s, b, s.seeds[:1], paths, out, logs, resume)
+    bases, rows, base_rows, first = {}, None, {}, None
+    for b in s.base_seeds:  # every extension seed on the first base at the bar, one on the rest
+        seeds = s.seeds if first is None else s.seeds[:1]
+        bases[b], got = base_rows_for(s, b, seeds, paths, out, logs, resume)
+        if not bases[b]["at_bar"]:
+            continue
+        if first is None:
+            first, rows = b, got
+        else:
+            base_rows[b] = got
+    if first is None:
+        values = ", ".join(f"seed {b}: {x['exact_match_at_s0']:.2f}" for b, x in bases.items())
+        raise ValueError(
+            f"no base reached --base-bar {s.base_bar:g} passkey exact match at S0 = {s.s0} "
+            f"({values}); nothing was extended (train longer: --base-iters, or more --base-seeds)"
+        )
+    others = list(base_rows)
     elapsed = time.perf_counter() - start
-    md = markdown(s, rows, base_rows, bases, elapsed)
+    md = markdown(s, rows, base_rows, bases, first, elapsed)
     _write(os.path.join(out, "replicate.md"), md)
-    payload = {"settings": dataclasses.asdict(s), "base_train": bases[first], "rows": rows,
-               "bars": bars(s, rows),
+    payload = {"settings": dataclasses.asdict(s), "base_seed": first,
+               "base_train": bases[first], "rows": rows, "bars": bars(s, rows),
+               "bases": {str(b): x for b, x in bases.items()},
                "other_bases": {str(b): {"base_train": bases[b], "rows": base_rows[b]}
                                for b in others},
                "tail_tokens": paths["tail_tokens"], "elapsed_s": elapsed}  # fmt: skip
@@ -843,13 +883,13 @@ def replicate(s: Settings, out: str, resume: bool) -> list[str]:
     print(md)
     print("wrote " + ", ".join([os.path.join(out, "replicate.md"),
                                 os.path.join(out, "replicate.json"), *pngs]))  # fmt: skip
-    return result_lines(s, rows)
+    return result_lines(s, rows, bases)
 
 
 SETTING_FLAGS = (
     "s0", "factor", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "rotary_base", "rope_scaling", "tokens_per_iter", "base_iters", "base_lr", "extend_iters",
-    "extend_lr", "eval_trials", "ppl_windows", "corpus_weight",
+    "extend_lr", "eval_trials", "ppl_windows", "corpus_weight", "base_bar",
 )  # fmt: skip
 """Settings with a flag of their own (``--base-iters`` for ``base_iters``)."""
 
@@ -863,8 +903,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="Extension seeds, comma-separated (default 1,2,3).")
     p.add_argument(
         "--base-seeds",
-        help="Base seeds, comma-separated (default 1,2): the first base gets every extension "
-        "seed, the others the first one (base-to-base variance).",
+        help="Base seeds, comma-separated (default 1,2,3): the first base at --base-bar gets "
+        "every extension seed, the others at the bar the first one (base-to-base variance); a "
+        "base below the bar is reported, not extended.",
     )
     p.add_argument("--methods", help=f"Comma-separated subset of {','.join(METHOD_NAMES)}.")
     defaults = Settings()

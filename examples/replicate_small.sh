@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's comparison at CPU scale (benchmarks/replicate_small.py): small models pretrained at
-# S0 = 128 on the embedded corpus mixed with passkey documents (two base seeds), then extended 8x
+# S0 = 128 on the embedded corpus mixed with passkey documents (three base seeds; a base below the
+# S0 bar is reported, not extended), then extended 8x
 # (L = 1024, YaRN) with the same token budget by full-length fine-tuning (positive control),
 # short contiguous training under the same scaling (control), PoSE (paper and reference chunk
 # samplers), EndPrompt (cue fixed / random, tail fixed / random) and EndPrompt+PoSE, next to PI

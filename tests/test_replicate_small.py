@@ -31,6 +31,7 @@ def test_eval_lengths_double_up_to_the_factor():
         (["--rope-scaling", "nope"], "--rope-scaling"),
         (["--base-iters", "0"], "--base-iters"),
         (["--extend-iters", "-1"], "--extend-iters"),
+        (["--base-bar", "1.5"], "--base-bar"),
     ],
 )
 def test_bad_settings_name_the_flag(argv, flag, capsys):
@@ -92,7 +93,9 @@ def test_result_lines_from_rows():
             "tokens_per_s": 1000.0, "peak_memory_gib": 2.0}  # fmt: skip
     tail = {"method": "endprompt_tail_fixed", "exact_match": {128: 1.0, 256: 0.5, 512: 0.2},
             "tokens_per_s": 1500.0, "peak_memory_gib": 1.0}  # fmt: skip
-    lines = rs.result_lines(s, [base, full, tail])
+    bases = {1: {"at_bar": True}, 2: {"at_bar": False}}
+    lines = rs.result_lines(s, [base, full, tail], bases)
+    assert lines[:2] == ["RESULT bases_trained 2", "RESULT bases_at_bar 1"]
     assert "RESULT base_passkey_exact_at_s0 0.9600" in lines
     assert "RESULT base_bar_met 1" in lines  # 0.96 >= 0.95
     assert "RESULT full_length_bar_met 0" in lines  # 0.60 < 0.80 at L = 512
@@ -115,7 +118,7 @@ def test_orchestration_extends_the_first_base_with_every_seed_the_others_with_on
     tmp_path, monkeypatch
 ):
     """Every step stubbed: which runs happen, from which base, and what the report shows."""
-    s = rs.Settings(s0=128, factor=2, base_seeds=[5, 7], seeds=[1, 2, 3],
+    s = rs.Settings(s0=128, factor=2, base_seeds=[5, 7], seeds=[1, 2, 3], base_bar=0.0,
                     methods=["pi_only", "full_length", "short_contiguous"])  # fmt: skip
     trained, evaluated = [], []
 
@@ -203,3 +206,62 @@ def test_quick_replication_runs_every_method_on_one_budget_and_resumes(tmp_path)
     other = subprocess.run(cmd + ["--resume", "--extend-iters", "3"], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert other.returncode == 2 and "other settings (extend_iters" in other.stderr
+
+
+def _stub_steps(tmp_path, monkeypatch, base_exact):
+    """Stub every step; a base's passkey exact match is ``base_exact[seed]``, an extension's
+    0.9. Returns the list of trained run names."""
+    trained = []
+
+    def fake_train_run(name, argv, ckpt, logs, resume):
+        trained.append(name)
+        return {"tokens_per_s": 10.0, "peak_memory_gib": 1.0, "final_loss": 1.0}
+
+    def fake_evaluate(s_, paths, ckpt, name, out, logs, resume, scaling=None):
+        value = base_exact[int(name[len("base_base") :])] if name.startswith("base_") else 0.9
+        return _report({128: value, 256: value}, {128: value, 256: value}, [10.0, 20.0])
+
+    data = {k: str(tmp_path / k) for k in ("tokenizer", "corpus", "passkey_s0", "passkey_l")}
+    monkeypatch.setattr(rs, "prepare_data", lambda *a: {**data, "tail_tokens": 12})
+    monkeypatch.setattr(rs, "train_run", fake_train_run)
+    monkeypatch.setattr(rs, "evaluate", fake_evaluate)
+    monkeypatch.setattr(rs, "plot", lambda rows, a, b: [a, b])
+    return trained
+
+
+def test_a_base_below_the_bar_is_reported_and_not_extended(tmp_path, monkeypatch):
+    """Bases 5 (0.75 < 0.95), 6 (0.95, exactly at the bar) and 7 (1.0): base 6 is the main
+    table with every extension seed, base 7 the base-to-base table, base 5 only reported."""
+    trained = _stub_steps(tmp_path, monkeypatch, {5: 0.75, 6: 0.95, 7: 1.0})
+    s = rs.Settings(s0=128, factor=2, base_seeds=[5, 6, 7], seeds=[1, 2],
+                    methods=["full_length"])  # fmt: skip
+    lines = rs.replicate(s, str(tmp_path), resume=False)
+    assert trained == [
+        "base_seed5",
+        "base_seed6",
+        "full_length_base6_seed1",
+        "full_length_base6_seed2",
+        "base_seed7",
+        "full_length_base7_seed1",
+    ]
+    payload = json.loads((tmp_path / "replicate.json").read_text())
+    assert payload["base_seed"] == 6 and list(payload["other_bases"]) == ["7"]
+    assert {b: (x["exact_match_at_s0"], x["at_bar"]) for b, x in payload["bases"].items()} == {
+        "5": (0.75, False),
+        "6": (0.95, True),
+        "7": (1.0, True),
+    }
+    md = (tmp_path / "replicate.md").read_text()
+    assert "seed 5 0.75 (below the bar, not extended)" in md and "seed 6 0.95 (extended)" in md
+    assert "## Methods from base 6" in md
+    assert lines[:2] == ["RESULT bases_trained 3", "RESULT bases_at_bar 2"]
+    assert "RESULT base_bar_met 1" in lines and "RESULT full_length_bar_met 1" in lines
+
+
+def test_no_base_at_the_bar_is_an_error_naming_the_flag(tmp_path, monkeypatch, capsys):
+    trained = _stub_steps(tmp_path, monkeypatch, {1: 0.5, 2: 0.9})
+    argv = ["--base-seeds", "1,2", "--methods", "full_length", "--output", str(tmp_path)]
+    assert rs.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no base reached --base-bar 0.95" in err and "seed 1: 0.50, seed 2: 0.90" in err
+    assert trained == ["base_seed1", "base_seed2"]

@@ -101,7 +101,7 @@ def test_result_lines_from_rows():
     assert "RESULT full_length_bar_met 0" in lines  # 0.60 < 0.80 at L = 512
     assert "RESULT full_length_passkey_exact_mean_2x_to_4x 0.7500" in lines
     assert "RESULT endprompt_tail_fixed_passkey_exact_at_L 0.2000" in lines
-    assert "RESULT endprompt_tail_fixed_vs_full_length_tokens_per_s_ratio 1.500" in lines
+    assert not [x for x in lines if "tokens_per_s_ratio" in x]  # not measured side by side
     assert "RESULT endprompt_tail_fixed_vs_full_length_peak_memory_ratio 0.500" in lines
 
 

@@ -24,6 +24,7 @@ from megatron_endprompt.positions import (
     PositionMode,
     Terminal,
     TerminalSource,
+    default_pose_chunk_sampler,
 )
 
 MOCK_SPLIT = "1,1,1"
@@ -143,8 +144,9 @@ class EndPromptConfig:
     terminal_source: TerminalSource = "contiguous"
     """Tail text: contiguous (the t tokens after the context) | document_end (its document's last
     t tokens after a gap, the reference code's random mode); tail terminal only."""
-    pose_chunk_sampler: PoseChunkSampler = "paper"
-    """PoSE first-chunk length: paper (l0 ~ U{1..S-1}) | reference (l0 ~ U{1..(S+1)//2})."""
+    pose_chunk_sampler: PoseChunkSampler | None = None
+    """PoSE first-chunk length: paper (l0 ~ U{1..S-1}) | reference (l0 ~ U{1..(S+1)//2});
+    unset: reference in a PoSE mode with <= 2 chunks (the replication's evidence), else paper."""
     pose_skip_text: bool = False
     """PoSE: skip a random stretch of text before each later chunk (reference code's v)."""
 
@@ -187,6 +189,10 @@ class EndPromptConfig:
     def _check_fidelity_options(self) -> None:
         """The reference-code fidelity options: each applies to some layouts only."""
         is_pose = self.position_mode in ("pose", "endprompt_pose")
+        if self.pose_chunk_sampler is None:
+            self.pose_chunk_sampler = default_pose_chunk_sampler(
+                self.position_mode, self.pose_num_chunks
+            )
         source, sampler = self.terminal_source, self.pose_chunk_sampler
         _require(
             source in TERMINAL_SOURCES,

@@ -19,6 +19,7 @@ from megatron_endprompt.positions import (
     POSITION_MODES,
     TERMINAL_SOURCES,
     TERMINALS,
+    default_pose_chunk_sampler,
 )
 
 ENDPROMPT_MODES = ("endprompt", "endprompt_pose")
@@ -60,8 +61,9 @@ class EndPromptDatasetConfig(GPTDatasetConfig):
     terminal_source: str = "contiguous"
     """Tail text: contiguous (the t tokens after the context) | document_end (document's end)."""
 
-    pose_chunk_sampler: str = "paper"
-    """PoSE chunk lengths: paper (l0 ~ U{1..S-1}) | reference (l0 ~ U{1..(S+1)//2})."""
+    pose_chunk_sampler: str | None = None
+    """PoSE chunk lengths: paper (l0 ~ U{1..S-1}) | reference (l0 ~ U{1..(S+1)//2}); None:
+    reference in a PoSE mode with <= 2 chunks, else paper (``default_pose_chunk_sampler``)."""
 
     pose_skip_text: bool = False
     """PoSE: each later chunk reads its text after a random skip (the reference's v)."""
@@ -134,6 +136,10 @@ class EndPromptDatasetConfig(GPTDatasetConfig):
     def _validate_fidelity_options(self) -> None:
         """terminal_source, pose_chunk_sampler and pose_skip_text: where each one applies."""
         _check_choice("terminal_source", self.terminal_source, TERMINAL_SOURCES)
+        if self.pose_chunk_sampler is None:
+            self.pose_chunk_sampler = default_pose_chunk_sampler(
+                self.position_mode, self.pose_num_chunks
+            )
         _check_choice("pose_chunk_sampler", self.pose_chunk_sampler, POSE_CHUNK_SAMPLERS)
         if not isinstance(self.pose_skip_text, (bool, np.bool_)):
             raise ValueError(f"pose_skip_text must be a bool, got {self.pose_skip_text!r}")

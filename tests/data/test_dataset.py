@@ -116,7 +116,7 @@ def reference_sample(x: list[int], config, rng: np.random.Generator) -> dict:
     mode = config.position_mode
     if mode == "pose":
         y, weights = list(x), [1.0] * S
-        positions = pose_positions(S, L, config.pose_num_chunks, rng)
+        positions = pose_positions(S, L, config.pose_num_chunks, rng, config.pose_chunk_sampler)
         return _finish(y, weights, positions, config)
     if config.terminal == "cue":
         cues = config.cue_token_ids
@@ -138,7 +138,9 @@ def reference_sample(x: list[int], config, rng: np.random.Generator) -> dict:
     if mode == "endprompt":
         positions = endprompt_positions(a, t, L, config.placement, rng)
     else:
-        positions = endprompt_pose_positions(a, t, L, config.pose_num_chunks, config.placement, rng)
+        positions = endprompt_pose_positions(
+            a, t, L, config.pose_num_chunks, config.placement, rng, config.pose_chunk_sampler
+        )
     return _finish(y, weights, positions, config)
 
 

@@ -130,7 +130,7 @@ def test_pose_skip_text_jumps_at_the_chunk_boundary(tmp_path):
         s = ds[idx]
         y = s["tokens"].tolist() + [int(s["labels"][-1])]
         rng = ds.sample_rng(idx)
-        positions, lengths = pose_chunks(8, 64, 2, rng)
+        positions, lengths = pose_chunks(8, 64, 2, rng, ds.config.pose_chunk_sampler)
         assert s["position_ids"].tolist() == positions.tolist()
         start = y[0]
         text_jump = np.array(y) - start - np.arange(9)

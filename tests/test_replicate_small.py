@@ -114,6 +114,15 @@ def test_bars_name_what_is_missing():
                    "full_length passkey exact match at L = 512": (0.85, True)}  # fmt: skip
 
 
+def _install_steps(tmp_path, monkeypatch, train_run, evaluate):
+    """Replace data preparation, training, evaluation and plots with the given stubs."""
+    data = {k: str(tmp_path / k) for k in ("tokenizer", "corpus", "passkey_s0", "passkey_l")}
+    monkeypatch.setattr(rs, "prepare_data", lambda *a: {**data, "tail_tokens": 12})
+    monkeypatch.setattr(rs, "train_run", train_run)
+    monkeypatch.setattr(rs, "evaluate", evaluate)
+    monkeypatch.setattr(rs, "plot", lambda rows, a, b: [a, b])
+
+
 def test_orchestration_extends_the_first_base_with_every_seed_the_others_with_one(
     tmp_path, monkeypatch
 ):
@@ -133,11 +142,7 @@ def test_orchestration_extends_the_first_base_with_every_seed_the_others_with_on
         value = (0.5 if "seed5" in ckpt or "base5" in ckpt else 0.7) + 0.01 * len(evaluated)
         return _report({128: value, 256: value}, {128: value, 256: value}, [10.0, 20.0])
 
-    data = {k: str(tmp_path / k) for k in ("tokenizer", "corpus", "passkey_s0", "passkey_l")}
-    monkeypatch.setattr(rs, "prepare_data", lambda *a: {**data, "tail_tokens": 12})
-    monkeypatch.setattr(rs, "train_run", fake_train_run)
-    monkeypatch.setattr(rs, "evaluate", fake_evaluate)
-    monkeypatch.setattr(rs, "plot", lambda rows, a, b: [a, b])
+    _install_steps(tmp_path, monkeypatch, fake_train_run, fake_evaluate)
     lines = rs.replicate(s, str(tmp_path), resume=False)
     out = str(tmp_path)
     assert [t[0] for t in trained] == [
@@ -221,11 +226,7 @@ def _stub_steps(tmp_path, monkeypatch, base_exact):
         value = base_exact[int(name[len("base_base") :])] if name.startswith("base_") else 0.9
         return _report({128: value, 256: value}, {128: value, 256: value}, [10.0, 20.0])
 
-    data = {k: str(tmp_path / k) for k in ("tokenizer", "corpus", "passkey_s0", "passkey_l")}
-    monkeypatch.setattr(rs, "prepare_data", lambda *a: {**data, "tail_tokens": 12})
-    monkeypatch.setattr(rs, "train_run", fake_train_run)
-    monkeypatch.setattr(rs, "evaluate", fake_evaluate)
-    monkeypatch.setattr(rs, "plot", lambda rows, a, b: [a, b])
+    _install_steps(tmp_path, monkeypatch, fake_train_run, fake_evaluate)
     return trained
 
 

@@ -30,6 +30,25 @@ def test_flags_exist_with_todays_defaults():
     )
 
 
+@pytest.mark.parametrize(
+    "flags, sampler",
+    [
+        (["--position-mode", "pose"], "reference"),
+        (["--position-mode", "pose", "--pose-num-chunks", "1"], "reference"),
+        (["--position-mode", "endprompt_pose", *TAIL], "reference"),
+        (["--position-mode", "pose", "--pose-num-chunks", "3"], "paper"),  # reference: 2 chunks
+        (["--position-mode", "pose", "--pose-chunk-sampler", "paper"], "paper"),
+        (["--position-mode", "endprompt", *TAIL], "paper"),  # not PoSE: the sampler is unused
+    ],
+)
+def test_pose_chunk_sampler_defaults_to_the_reference_where_it_applies(flags, sampler):
+    """The replication's evidence chose the reference sampler (README, Fidelity options); the
+    run config and the dataset config resolve an unset sampler the same way."""
+    run = parse(*flags)
+    assert run.endprompt.pose_chunk_sampler == sampler
+    assert dataset_config(run, ByteTokenizer()).pose_chunk_sampler == sampler
+
+
 def test_flags_reach_the_dataset_config():
     source = ["--endprompt-terminal-source", "document_end"]
     run = parse("--position-mode", "endprompt", *TAIL, *source)

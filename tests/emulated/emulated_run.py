@@ -124,3 +124,23 @@ def _read(nproc: int, out: Path) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     (reporting,) = [r for r in ranks if r["reporting"]]
     return {**reporting, "ranks": ranks}
+
+
+def assert_refused_save_kept_tracker(run: dict, fmt: str) -> None:
+    """A save of iteration 4 refused on one rank: every rank ends with the one-line ENOSPC error
+    naming ``iter_0000004.tmp``, nothing partial is left, and the tracker still names iteration
+    2, which opens as a checkpoint of format ``fmt``."""
+    import os
+
+    from megatron_endprompt import checkpoint as ckpt
+    from megatron_endprompt.checkpoint.stored import open_checkpoint
+
+    for rank in run["ranks"]:
+        error = rank["error"]
+        assert error.startswith("cannot write ") and "iter_0000004.tmp" in error, error
+        assert error.endswith("No space left on device (errno 28 ENOSPC)"), error
+    save = run["save"]
+    assert ckpt.read_tracker(save) == 2 and ckpt.list_checkpoints(save) == [2]
+    assert not [n for n in os.listdir(save) if n.endswith((".tmp", ".old"))]
+    stored = open_checkpoint(save)
+    assert stored.format == fmt and stored.iteration == 2

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from emulated_run import ITERS
+from emulated_run import ITERS, assert_refused_save_kept_tracker
 
 from megatron_endprompt import checkpoint as ckpt
 from megatron_endprompt.checkpoint.layout import verify_checksum
@@ -140,13 +140,4 @@ def test_megatron_lm_written_legacy_checkpoint_has_its_layout(four_ranks):
 def test_full_disk_on_one_rank_fails_every_legacy_save_and_keeps_the_tracker(two_ranks):
     """The legacy write of iteration 4 refused on rank 1 only: the one-line error on every
     rank, iter_0000004.tmp gone, the tracker still on iteration 2, which loads."""
-    run = two_ranks["pp2_torch_disk_full"]
-    for rank in run["ranks"]:
-        error = rank["error"]
-        assert error.startswith("cannot write ") and "iter_0000004.tmp" in error, error
-        assert error.endswith("No space left on device (errno 28 ENOSPC)"), error
-    save = run["save"]
-    assert ckpt.read_tracker(save) == 2 and ckpt.list_checkpoints(save) == [2]
-    assert not [n for n in os.listdir(save) if n.endswith((".tmp", ".old"))]
-    stored = open_checkpoint(save)
-    assert stored.format == "torch" and stored.iteration == 2
+    assert_refused_save_kept_tracker(two_ranks["pp2_torch_disk_full"], "torch")

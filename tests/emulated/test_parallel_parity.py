@@ -14,10 +14,9 @@ import subprocess
 import sys
 
 import pytest
-from emulated_run import ITERS, train_flags
+from emulated_run import ITERS, assert_refused_save_kept_tracker, train_flags
 
 from megatron_endprompt import checkpoint as ckpt
-from megatron_endprompt.checkpoint.stored import open_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -91,16 +90,7 @@ def test_full_disk_on_one_rank_fails_every_rank_and_keeps_the_tracker(two_ranks)
     """dist_checkpointing's write of iteration 4 refused on rank 1 only: every rank ends with
     the one-line error (no rank waits forever), the partial iter_0000004.tmp is gone and the
     tracker still names iteration 2, which loads."""
-    run = two_ranks["pp2_disk_full"]
-    for rank in run["ranks"]:
-        error = rank["error"]
-        assert error.startswith("cannot write ") and "iter_0000004.tmp" in error, error
-        assert error.endswith("No space left on device (errno 28 ENOSPC)"), error
-    save = run["save"]
-    assert ckpt.read_tracker(save) == 2 and ckpt.list_checkpoints(save) == [2]
-    assert not [n for n in os.listdir(save) if n.endswith((".tmp", ".old"))]
-    stored = open_checkpoint(save)
-    assert stored.format == "torch_dist" and stored.iteration == 2
+    assert_refused_save_kept_tracker(two_ranks["pp2_disk_full"], "torch_dist")
 
 
 @pytest.mark.parametrize(
